@@ -1,0 +1,87 @@
+"""The target interface: a flat, immutable-object store for fragments.
+
+A target is one failure domain (a disk, a bucket). Keys are ``/``-separated relative
+names chosen by the chunk layer; values are written whole and atomically, never modified
+in place, so any backend with atomic object creation (rename, conditional put) fits.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Durability(str, Enum):
+    """When a fragment write is acknowledged.
+
+    ``fsync``: after the bytes (and, on folders, the directory entry) reached stable
+    storage; survives power loss. ``none``: after the OS has the bytes; survives a process
+    crash, not a power cut. Object stores are durable on acknowledgement either way.
+    """
+
+    FSYNC = "fsync"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class TargetHealth:
+    healthy: bool
+    detail: str = "ok"
+    capacity_bytes: int | None = None
+    free_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    mtime: float
+
+
+class Target(ABC):
+    """One fragment store. Implementations must be safe to call from many threads."""
+
+    id: str
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, parts: Sequence[Buffer]) -> None:
+        """Store the concatenation of ``parts`` under ``key``, atomically.
+
+        Readers see either no object or the whole object. Re-putting an existing key with
+        the same bytes is allowed (fragments are content-addressed).
+        """
+
+    @abstractmethod
+    def get(self, key: str) -> bytes:
+        """Whole object. Raises ``NotFound`` if absent, ``TargetUnavailable`` on I/O failure."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        """``length`` bytes from ``start`` (fewer at the end of the object)."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``; absent keys are not an error."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        """All objects whose key starts with ``prefix`` (any order)."""
+
+    @abstractmethod
+    def health(self) -> TargetHealth:
+        """Cheap probe: reachable, writable, and still the target it was (marker present)."""
+
+    @abstractmethod
+    def ensure(self) -> None:
+        """Create the target's root and identity marker if missing (init and repair)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release clients and file handles."""

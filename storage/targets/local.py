@@ -1,0 +1,235 @@
+"""Local-folder target: the embedded default.
+
+Writes go to a temporary file in the destination folder, are optionally fsync'ed, then
+renamed into place (and the folder fsync'ed), so a crash leaves the old state or the
+new one. Reads use ``pread`` on cached file descriptors so small random reads cost one
+system call.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from urllib.parse import unquote, urlparse
+
+from ..errors import ConfigError, NotFound, TargetUnavailable
+from .base import Buffer, Durability, ObjectInfo, Target, TargetHealth
+
+MARKER = ".lodestore-target"
+_TMP_PREFIX = ".tmp-"
+
+
+def path_from_url(url: str) -> str:
+    p = urlparse(url)
+    if p.scheme != "file":
+        raise ConfigError(f"not a file:// URL: {url!r}")
+    if p.netloc not in ("", "localhost"):
+        raise ConfigError(f"file URL {url!r} names a host; use file:///absolute/path")
+    return unquote(p.path)
+
+
+class _FdCache:
+    """A small LRU of read-only descriptors; fragments are immutable once renamed in."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is not None:
+                self._fds.move_to_end(path)
+                return fd
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        with self._lock:
+            old = self._fds.get(path)
+            if old is not None:
+                os.close(fd)
+                return old
+            self._fds[path] = fd
+            while len(self._fds) > self.size:
+                _, victim = self._fds.popitem(last=False)
+                os.close(victim)
+        return fd
+
+    def drop(self, path: str) -> None:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
+    def clear(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), OrderedDict()
+        for fd in fds:
+            os.close(fd)
+
+
+class LocalDirTarget(Target):
+    def __init__(self, id: str, url: str, durability: Durability = Durability.FSYNC) -> None:
+        self.id = id
+        self.url = url
+        self.root = path_from_url(url)
+        self.durability = Durability(durability)
+        self._fds = _FdCache()
+        self._made_dirs: set[str] = set()
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad fragment key {key!r}")
+        return os.path.join(self.root, key)
+
+    def _unavailable(self, exc: OSError, what: str) -> TargetUnavailable:
+        return TargetUnavailable(f"target {self.id} ({self.root}): {what} failed: {exc.strerror or exc}")
+
+    def put(self, key: str, parts: Sequence[Buffer]) -> None:
+        path = self._path(key)
+        folder = os.path.dirname(path)
+        tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{os.path.basename(path)}")
+        try:
+            if folder not in self._made_dirs:
+                if not os.path.isdir(self.root):
+                    raise TargetUnavailable(
+                        f"target {self.id}: folder {self.root} is missing; "
+                        "run `lodestore repair` to recreate it"
+                    )
+                os.makedirs(folder, exist_ok=True)
+                self._made_dirs.add(folder)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                views = [memoryview(p) for p in parts]
+                total = sum(len(v) for v in views)
+                written = os.writev(fd, views)
+                while written < total:  # short write: finish the rest
+                    rest = b"".join(views)[written:]
+                    written += os.write(fd, rest)
+                if self.durability is Durability.FSYNC:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.durability is Durability.FSYNC:
+                dfd = os.open(folder, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except TargetUnavailable:
+            raise
+        except OSError as exc:
+            self._made_dirs.discard(folder)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise self._unavailable(exc, "write") from exc
+        self._fds.drop(path)
+
+    def get(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except FileNotFoundError as exc:
+            raise NotFound(f"fragment {key} not on target {self.id}") from exc
+        except OSError as exc:
+            raise self._unavailable(exc, "read") from exc
+
+    def get_range(self, key: str, start: int, length: int) -> bytes:
+        path = self._path(key)
+        try:
+            fd = self._fds.get(path)
+            return os.pread(fd, length, start)
+        except FileNotFoundError as exc:
+            raise NotFound(f"fragment {key} not on target {self.id}") from exc
+        except OSError as exc:
+            self._fds.drop(path)
+            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry once
+                return self.get_range(key, start, length)
+            raise self._unavailable(exc, "read") from exc
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        self._fds.drop(path)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._unavailable(exc, "delete") from exc
+
+    def exists(self, key: str) -> bool:
+        return os.path.isfile(self._path(key))
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root
+        start = os.path.join(base, os.path.dirname(prefix)) if "/" in prefix else base
+        if not os.path.isdir(start):
+            return
+        for dirpath, _dirs, files in os.walk(start):
+            for name in files:
+                if name == MARKER or name.startswith(_TMP_PREFIX):
+                    continue
+                full = os.path.join(dirpath, name)
+                key = os.path.relpath(full, base).replace(os.sep, "/")
+                if not key.startswith(prefix):
+                    continue
+                try:
+                    st = os.stat(full)
+                except FileNotFoundError:
+                    continue
+                yield ObjectInfo(key, st.st_size, st.st_mtime)
+
+    def temp_files(self, older_than: float) -> Iterator[str]:
+        """Leftover temp files from crashed writers, for garbage collection."""
+        import time
+
+        cutoff = time.time() - older_than
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                if name.startswith(_TMP_PREFIX):
+                    full = os.path.join(dirpath, name)
+                    try:
+                        if os.stat(full).st_mtime < cutoff:
+                            yield full
+                    except FileNotFoundError:
+                        continue
+
+    def health(self) -> TargetHealth:
+        marker = os.path.join(self.root, MARKER)
+        try:
+            with open(marker) as f:
+                found = f.read().strip()
+        except FileNotFoundError:
+            return TargetHealth(False, f"folder {self.root} or its marker is missing")
+        except OSError as exc:
+            return TargetHealth(False, f"cannot read {self.root}: {exc.strerror}")
+        if found != self.id:
+            return TargetHealth(False, f"folder {self.root} belongs to target {found!r}, not {self.id!r}")
+        if not os.access(self.root, os.W_OK):
+            return TargetHealth(False, f"folder {self.root} is not writable")
+        try:
+            usage = shutil.disk_usage(self.root)
+        except OSError as exc:
+            return TargetHealth(False, f"cannot stat {self.root}: {exc.strerror}")
+        return TargetHealth(True, "ok", usage.total, usage.free)
+
+    def ensure(self) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            marker = os.path.join(self.root, MARKER)
+            if not os.path.exists(marker):
+                with open(marker, "w") as f:
+                    f.write(self.id + "\n")
+        except OSError as exc:
+            raise self._unavailable(exc, "create") from exc
+        self._made_dirs.clear()
+
+    def close(self) -> None:
+        self._fds.clear()
