@@ -10,12 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 Buffer = bytes | bytearray | memoryview
 
 
-class Durability(str, Enum):
+class Durability(StrEnum):
     """When a fragment write is acknowledged.
 
     ``fsync``: after the bytes (and, on folders, the directory entry) reached stable

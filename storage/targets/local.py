@@ -8,6 +8,7 @@ system call.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -124,10 +125,8 @@ class LocalDirTarget(Target):
             raise
         except OSError as exc:
             self._made_dirs.discard(folder)
-            try:
+            with contextlib.suppress(OSError):
                 os.unlink(tmp)
-            except OSError:
-                pass
             raise self._unavailable(exc, "write") from exc
         self._fds.drop(path)
 

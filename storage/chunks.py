@@ -1,0 +1,326 @@
+"""The chunk layer: content-addressed, erasure-coded chunks on many targets.
+
+A chunk id is ``blake3(chunk, key=tenant key)``: identical chunks are stored once per
+tenant, and never shared across tenants (their keys differ). Share i of a chunk is placed
+on the i-th target of the rendezvous ranking of the chunk id, skipping targets that are
+down; the registry records where each share went, so repair can move a share elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import blake3
+import xxhash
+
+from . import erasure, fragment
+from .errors import CorruptFragment, DataLost, NotFound, StorageError, TargetUnavailable
+from .meta import ChunkRecord, MetaStore
+from .targets import Target
+
+DOWN_SECONDS = 5.0  # how long a failing target is skipped by writers
+
+
+def fragment_key(tenant: str, cid: str, index: int) -> str:
+    return f"{tenant}/{cid[:2]}/{cid[2:4]}/{cid}.{index}"
+
+
+def parse_fragment_key(key: str) -> tuple[str, str, int] | None:
+    try:
+        tenant, _a, _b, name = key.split("/")
+        cid, idx = name.rsplit(".", 1)
+        return tenant, cid, int(idx)
+    except ValueError:
+        return None
+
+
+class _LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.d: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):  # type: ignore[no-untyped-def]
+        with self.lock:
+            v = self.d.get(key)
+            if v is not None:
+                self.d.move_to_end(key)
+            return v
+
+    def put(self, key, value) -> None:  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.d[key] = value
+            self.d.move_to_end(key)
+            while len(self.d) > self.size:
+                self.d.popitem(last=False)
+
+    def pop(self, key) -> None:  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.d.pop(key, None)
+
+
+class ChunkStore:
+    def __init__(
+        self, meta: MetaStore, targets: list[Target], k: int, m: int, block_size: int,
+        io_threads: int = 16,
+    ) -> None:
+        self.meta = meta
+        self.targets = {t.id: t for t in targets}
+        self.order = [t.id for t in targets]
+        self.k, self.m, self.block_size = k, m, block_size
+        self.min_shares = min(m, k + 1)
+        self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="lodestore-io")
+        self._records = _LRU(65536)
+        self._down: dict[str, float] = {}
+
+    def close(self) -> None:
+        self.io.shutdown(wait=True)
+        for t in self.targets.values():
+            t.close()
+
+    # -- identity and placement --------------------------------------------------------
+
+    def chunk_id(self, tenant: str, data: bytes | memoryview) -> str:
+        key = self.meta.tenant_key(tenant)
+        return blake3.blake3(data, key=key, max_threads=1).hexdigest()
+
+    def rank(self, cid: str) -> list[str]:
+        """Rendezvous order of all targets for ``cid``: stable as targets come and go."""
+        return sorted(self.order, key=lambda t: xxhash.xxh64_intdigest(f"{t}\x00{cid}".encode()),
+                      reverse=True)
+
+    def mark_down(self, tid: str) -> None:
+        self._down[tid] = time.monotonic() + DOWN_SECONDS
+
+    def is_down(self, tid: str) -> bool:
+        until = self._down.get(tid)
+        return until is not None and until > time.monotonic()
+
+    def record(self, tenant: str, cid: str, refresh: bool = False) -> ChunkRecord:
+        key = (tenant, cid)
+        rec = None if refresh else self._records.get(key)
+        if rec is None:
+            rec = self.meta.chunk_get(tenant, cid)
+            if rec is None:
+                raise DataLost(f"chunk {cid[:16]}… of tenant {tenant} is not in the registry")
+            self._records.put(key, rec)
+        return rec
+
+    # -- writes ------------------------------------------------------------------------
+
+    def store(self, tenant: str, data: bytes) -> tuple[bytes, int]:
+        """Store one chunk (deduplicated within the tenant); returns (raw id, length)."""
+        cid = self.chunk_id(tenant, data)
+        known = self.meta.chunk_get(tenant, cid)
+        if known is not None and known.length == len(data) and all(known.placement):
+            self.meta.chunk_touch(tenant, cid)
+            return bytes.fromhex(cid), len(data)
+        shares = erasure.encode(data, self.k, self.m)
+        slen = len(shares[0])
+        frags = [
+            fragment.encode(
+                fragment.FragmentHeader(self.k, self.m, i, self.block_size, len(data), slen,
+                                        bytes.fromhex(cid)),
+                shares[i],
+            )
+            for i in range(self.m)
+        ]
+        del shares
+        placement = self._place(tenant, cid, frags)
+        now = time.time()
+        rec = ChunkRecord(tenant, cid, len(data), self.k, self.m, slen, self.block_size,
+                          tuple(placement), now, now)
+        self.meta.chunk_put(rec)
+        self._records.put((tenant, cid), rec)
+        return bytes.fromhex(cid), len(data)
+
+    def _place(self, tenant: str, cid: str, frags: list[bytearray]) -> list[str]:
+        ranked = [t for t in self.rank(cid) if not self.is_down(t)]
+        ranked += [t for t in self.rank(cid) if t not in ranked]  # down ones as last resort
+        placement = [""] * self.m
+        spare = ranked[self.m :]
+        errors: list[str] = []
+
+        def put(i: int, tid: str) -> tuple[int, str, Exception | None]:
+            try:
+                self.targets[tid].put(fragment_key(tenant, cid, i), [frags[i]])
+                return i, tid, None
+            except StorageError as exc:
+                return i, tid, exc
+
+        pending = [self.io.submit(put, i, ranked[i]) for i in range(min(self.m, len(ranked)))]
+        while pending:
+            nxt: list[Future] = []
+            for fut in pending:
+                i, tid, exc = fut.result()
+                if exc is None:
+                    placement[i] = tid
+                    continue
+                self.mark_down(tid)
+                errors.append(f"{tid}: {exc}")
+                if spare:
+                    nxt.append(self.io.submit(put, i, spare.pop(0)))
+            pending = nxt
+        stored = sum(1 for p in placement if p)
+        if stored < self.min_shares:
+            raise TargetUnavailable(
+                f"could write only {stored} of {self.m} shares (need {self.min_shares}); "
+                f"targets failing: {'; '.join(errors[:3])}. Check `lodestore status`."
+            )
+        return placement
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _fetch_range(self, rec: ChunkRecord, i: int, start: int, end: int) -> bytes:
+        tid = rec.placement[i] if i < len(rec.placement) else ""
+        target = self.targets.get(tid)
+        if target is None:
+            raise NotFound(f"share {i} has no live copy")
+        key = fragment_key(rec.tenant, rec.cid, i)
+        return fragment.read_range(
+            lambda off, n: target.get_range(key, off, n),
+            bytes.fromhex(rec.cid), i, rec.block_size, rec.share_len, start, end,
+        )
+
+    def read(self, tenant: str, cid: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a chunk, decoding from parity only when needed."""
+        rec = self.record(tenant, cid)
+        end = min(end, rec.length)
+        if start >= end:
+            return b""
+        s = rec.share_len
+        i0, i1 = start // s, (end - 1) // s
+        pieces = [(i, max(start, i * s) - i * s, min(end, (i + 1) * s) - i * s)
+                  for i in range(i0, i1 + 1)]
+        try:
+            if len(pieces) == 1:
+                i, a, b = pieces[0]
+                return self._fetch_range(rec, i, a, b)
+            futs = [self.io.submit(self._fetch_range, rec, i, a, b) for i, a, b in pieces]
+            return b"".join(f.result() for f in futs)
+        except (NotFound, CorruptFragment, TargetUnavailable):
+            pass
+        rec = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
+        return self._degraded(rec, pieces)
+
+    def _degraded(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]]) -> bytes:
+        lo = min(a for _i, a, _b in pieces)
+        hi = max(b for _i, _a, b in pieces)
+        got: dict[int, bytes] = {}
+        failures: list[str] = []
+        order = list(range(rec.m))  # data shares first: cheapest decode
+        futs = {i: self.io.submit(self._fetch_range, rec, i, lo, hi) for i in order[: rec.k]}
+        nxt = rec.k
+        while len(got) < rec.k:
+            if not futs:
+                raise DataLost(
+                    f"chunk {rec.cid[:16]}… of tenant {rec.tenant}: only {len(got)} of the "
+                    f"{rec.k} shares needed are readable ({'; '.join(failures[:3])}); "
+                    "restore the missing targets and run `lodestore repair`"
+                )
+            i, fut = next(iter(futs.items()))
+            del futs[i]
+            try:
+                got[i] = fut.result()
+            except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                failures.append(f"share {i}: {exc}")
+                if nxt < rec.m:
+                    futs[nxt] = self.io.submit(self._fetch_range, rec, nxt, lo, hi)
+                    nxt += 1
+        cols = erasure.decode_columns(got, rec.k, rec.m)
+        return b"".join(cols[i][a - lo : b - lo] for i, a, b in pieces)
+
+    def read_all(self, tenant: str, cid: str) -> bytes:
+        rec = self.record(tenant, cid)
+        return self.read(tenant, cid, 0, rec.length)
+
+    # -- verification and repair -------------------------------------------------------
+
+    def check_share(self, rec: ChunkRecord, i: int) -> str | None:
+        """None if share i is intact where the registry says, else why not."""
+        tid = rec.placement[i] if i < len(rec.placement) else ""
+        target = self.targets.get(tid)
+        if target is None:
+            return "no copy recorded" if not tid else f"target {tid} is not configured"
+        try:
+            raw = target.get(fragment_key(rec.tenant, rec.cid, i))
+            fragment.decode_whole(raw, bytes.fromhex(rec.cid), i)
+        except NotFound:
+            return f"missing on {tid}"
+        except CorruptFragment as exc:
+            return f"corrupt on {tid}: {exc}"
+        except TargetUnavailable as exc:
+            return f"unreadable on {tid}: {exc}"
+        return None
+
+    def repair(self, rec: ChunkRecord, bad: list[int],
+               healthy: Callable[[str], bool]) -> tuple[ChunkRecord, list[int]]:
+        """Rebuild the shares in ``bad`` from k good ones onto healthy targets that hold
+        no other share of this chunk. Returns the new record and shares still missing."""
+        good = [i for i in range(rec.m) if i not in bad]
+        if len(good) < rec.k:
+            raise DataLost(f"chunk {rec.cid[:16]}…: only {len(good)} intact shares, need {rec.k}")
+        pieces: dict[int, bytes] = {}
+        for i in good:
+            try:
+                pieces[i] = self._fetch_range(rec, i, 0, rec.share_len)
+            except (NotFound, CorruptFragment, TargetUnavailable):
+                continue
+            if len(pieces) == rec.k:
+                break
+        if len(pieces) < rec.k:
+            raise DataLost(f"chunk {rec.cid[:16]}…: fewer than {rec.k} shares readable")
+        data_shares = erasure.decode_columns(pieces, rec.k, rec.m)
+        chunk = b"".join(data_shares)[: rec.length]
+        shares = erasure.encode(chunk, rec.k, rec.m)
+        placement = list(rec.placement) + [""] * (rec.m - len(rec.placement))
+        used = {placement[i] for i in range(rec.m) if i not in bad and placement[i]}
+        candidates = [t for t in self.rank(rec.cid) if t not in used and healthy(t)]
+        # prefer putting a share back where it was, if that target is healthy again
+        still: list[int] = []
+        for i in bad:
+            home = placement[i]
+            choice = home if home and home not in used and healthy(home) else None
+            if choice is None:
+                choice = next((t for t in candidates if t not in used), None)
+            if choice is None:
+                still.append(i)
+                placement[i] = ""
+                continue
+            frag = fragment.encode(
+                fragment.FragmentHeader(rec.k, rec.m, i, rec.block_size, rec.length,
+                                        rec.share_len, bytes.fromhex(rec.cid)),
+                shares[i],
+            )
+            key = fragment_key(rec.tenant, rec.cid, i)
+            try:
+                if choice == home:  # object stores keep an existing key: clear it first
+                    self.targets[choice].delete(key)
+                self.targets[choice].put(key, [frag])
+            except StorageError:
+                still.append(i)
+                placement[i] = ""
+                continue
+            if home and home != choice and home in self.targets:
+                with contextlib.suppress(StorageError):
+                    self.targets[home].delete(fragment_key(rec.tenant, rec.cid, i))
+            placement[i] = choice
+            used.add(choice)
+        new = ChunkRecord(rec.tenant, rec.cid, rec.length, rec.k, rec.m, rec.share_len,
+                          rec.block_size, tuple(placement), rec.created, rec.touched)
+        self.meta.chunk_set_placement(rec.tenant, rec.cid, new.placement)
+        self._records.put((rec.tenant, rec.cid), new)
+        return new, still
+
+    def delete_fragments(self, rec: ChunkRecord) -> None:
+        for i, tid in enumerate(rec.placement):
+            t = self.targets.get(tid)
+            if t is not None:
+                with contextlib.suppress(StorageError):
+                    t.delete(fragment_key(rec.tenant, rec.cid, i))
+        self._records.pop((rec.tenant, rec.cid))

@@ -1,0 +1,131 @@
+"""Store configuration: one YAML file, ``lodestore.yaml``, in the store's home.
+
+Every server replica and worker reads the same file, so they all compute the same
+virtual-shard map and fragment placement: there is no master to ask.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_NAME = "lodestore.yaml"
+MiB = 1024 * 1024
+
+
+def default_home() -> Path:
+    env = os.environ.get("LODESTORE_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("lodestore", appauthor=False))
+
+
+@dataclass
+class TargetSpec:
+    id: str
+    url: str
+
+
+@dataclass
+class StoreConfig:
+    home: str
+    k: int = 4
+    m: int = 6
+    chunk_size: int = 4 * MiB
+    inline_threshold: int = 64 * 1024
+    checksum_block: int = 16 * 1024
+    durability: str = "fsync"
+    virtual_shards: int = 64
+    engines: list[str] = field(default_factory=list)
+    shard_map: list[int] = field(default_factory=list)  # virtual shard -> engine index
+    control: str = ""
+    targets: list[TargetSpec] = field(default_factory=list)
+    dir_cache_ttl: float = 1.0
+    gc_grace_seconds: float = 3600.0
+    io_threads: int = 16
+    write_concurrency: int = 4
+    readahead: int = 4
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{CONFIG_NAME}: {name} {why}")
+
+        if not 1 <= self.k <= self.m <= 256:
+            raise bad("k/m", f"must satisfy 1 <= k <= m <= 256 (got k={self.k}, m={self.m})")
+        if len(self.targets) < self.m:
+            raise bad("targets", f"needs at least m={self.m} targets, has {len(self.targets)}")
+        ids = [t.id for t in self.targets]
+        if len(set(ids)) != len(ids):
+            raise bad("targets", f"ids must be unique, got {ids}")
+        if self.chunk_size < 4096 or self.chunk_size > 256 * MiB:
+            raise bad("chunk_size", "must be between 4 KiB and 256 MiB")
+        if self.checksum_block < 512 or self.checksum_block > 1024 * 1024:
+            raise bad("checksum_block", "must be between 512 B and 1 MiB")
+        if self.inline_threshold < 0 or self.inline_threshold > 1024 * 1024:
+            raise bad("inline_threshold", "must be between 0 and 1 MiB")
+        if self.durability not in ("fsync", "none"):
+            raise bad("durability", "must be 'fsync' or 'none'")
+        if not self.engines:
+            raise bad("engines", "must list at least one metadata engine URL")
+        if len(self.shard_map) != self.virtual_shards:
+            raise bad("shard_map", f"must map all {self.virtual_shards} virtual shards")
+        if any(not 0 <= e < len(self.engines) for e in self.shard_map):
+            raise bad("shard_map", "refers to an engine that is not listed")
+
+    @classmethod
+    def embedded(cls, home: Path, engines: int = 4, **overrides) -> StoreConfig:
+        """The laptop default: SQLite files and six local folders under ``home``."""
+        home = Path(home).resolve()
+        vshards = overrides.pop("virtual_shards", 64)
+        m = overrides.get("m", 6)
+        cfg = cls(
+            home=str(home),
+            virtual_shards=vshards,
+            engines=[f"sqlite:///{home / 'meta' / f'meta-{i}.db'}" for i in range(engines)],
+            shard_map=[v % engines for v in range(vshards)],
+            control=f"sqlite:///{home / 'control.db'}",
+            targets=[
+                TargetSpec(f"t{i}", (home / "targets" / f"t{i}").as_uri())
+                for i in range(max(m, 6))
+            ],
+            **overrides,
+        )
+        return cfg
+
+    def to_yaml(self) -> str:
+        data = asdict(self)
+        data.pop("home")
+        return yaml.safe_dump(data, sort_keys=False)
+
+    def save(self) -> None:
+        path = Path(self.home) / CONFIG_NAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.to_yaml())
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, home: Path) -> StoreConfig:
+        path = Path(home) / CONFIG_NAME
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as exc:
+            raise ConfigError(
+                f"no store at {home}: run `lodestore init` (or set LODESTORE_HOME)"
+            ) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        known = {f for f in cls.__dataclass_fields__ if f != "home"}
+        unknown = set(data) - known
+        if unknown:
+            raise ConfigError(f"{path}: unknown settings {sorted(unknown)}; allowed: {sorted(known)}")
+        targets = [TargetSpec(**t) for t in data.pop("targets", [])]
+        cfg = cls(home=str(Path(home).resolve()), targets=targets, **data)
+        cfg.validate()
+        return cfg

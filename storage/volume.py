@@ -1,0 +1,633 @@
+"""The volume: a POSIX-like namespace per tenant over the chunk store.
+
+Writes store chunks first (fragments, then chunk records) and commit the entry last, in
+one metadata transaction: a crash leaves the old version or the new, never a torn file.
+Small files live inline in their entry row. Reads of large files stream chunk by chunk
+with read-ahead; a small read touches one data share.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import json
+import struct
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO, Any
+
+from . import paths
+from .chunks import ChunkStore
+from .config import StoreConfig, default_home
+from .errors import (
+    AlreadyExists,
+    DirectoryNotEmpty,
+    InvalidArgument,
+    InvalidPath,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    VersionMismatch,
+)
+from .meta import ROOT_INO, ConcurrentChange, Entry, MetaStore, new_ino
+from .targets import open_target
+
+_REF = struct.Struct("<32sQ")  # chunk id, chunk length
+MAX_RETRIES = 20
+
+DataSource = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    path: str
+    name: str
+    kind: str  # 'file' | 'directory'
+    size: int
+    version: int
+    ctime: float
+    mtime: float
+    inline: bool
+    chunks: int
+    attrs: dict[str, Any] | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "directory"
+
+
+def pack_refs(refs: list[tuple[bytes, int]]) -> bytes:
+    return b"".join(_REF.pack(c, n) for c, n in refs)
+
+
+def unpack_refs(blob: bytes | None) -> list[tuple[bytes, int]]:
+    if not blob:
+        return []
+    return [_REF.unpack_from(blob, o) for o in range(0, len(blob), _REF.size)]
+
+
+def _info(path: str, e: Entry) -> FileInfo:
+    return FileInfo(
+        path=path, name=e.name, kind="directory" if e.is_dir else "file", size=e.size,
+        version=e.version, ctime=e.ctime, mtime=e.mtime, inline=e.chunks is None,
+        chunks=len(e.chunks) // _REF.size if e.chunks else 0,
+        attrs=json.loads(e.attrs) if e.attrs else None,
+    )
+
+
+def encode_cursor(name: str) -> str:
+    return base64.urlsafe_b64encode(name.encode()).decode()
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor.encode()).decode()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(
+            "invalid cursor: pass back the next_cursor of the previous page unchanged"
+        ) from exc
+
+
+class _Chunker:
+    """Cuts any data source into pieces of exactly ``size`` bytes (the last one shorter)."""
+
+    def __init__(self, data: DataSource, size: int) -> None:
+        self.size = size
+        if isinstance(data, bytes | bytearray | memoryview):
+            mv = memoryview(data)
+            self._it: Iterator[bytes | memoryview] = (
+                mv[i : i + size] for i in range(0, len(mv), size))
+            self._exact = True
+        elif hasattr(data, "read"):
+            stream = data
+            self._it = iter(lambda: stream.read(size), b"")  # type: ignore[union-attr]
+            self._exact = False
+        else:
+            self._it = iter(data)  # type: ignore[arg-type]
+            self._exact = False
+        self._buf = bytearray()
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._exact:
+            for piece in self._it:
+                yield bytes(piece)
+            return
+        for piece in self._it:
+            if not isinstance(piece, bytes | bytearray | memoryview):
+                raise InvalidArgument(f"data must be bytes, got {type(piece).__name__}")
+            self._buf += piece
+            while len(self._buf) >= self.size:
+                yield bytes(self._buf[: self.size])
+                del self._buf[: self.size]
+        if self._buf:
+            yield bytes(self._buf)
+
+
+class Volume:
+    """Thread-safe. One per process; cheap calls, no hidden global state."""
+
+    def __init__(self, cfg: StoreConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.home = Path(cfg.home)
+        self.meta = MetaStore(cfg.engines, cfg.shard_map, cfg.control, cfg.durability)
+        self.targets = [open_target(t.id, t.url, cfg.durability) for t in cfg.targets]
+        self.chunks = ChunkStore(self.meta, self.targets, cfg.k, cfg.m, cfg.checksum_block,
+                                 cfg.io_threads)
+        self.pool = ThreadPoolExecutor(max(cfg.write_concurrency, cfg.readahead) * 2,
+                                       thread_name_prefix="lodestore-chunk")
+        self._dirs: dict[tuple[str, int, str], tuple[int, float]] = {}
+        self._dirs_lock = threading.Lock()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @classmethod
+    def init(cls, home: str | Path | None = None, cfg: StoreConfig | None = None) -> Volume:
+        """Create a store (idempotent: an existing store is opened, not replaced)."""
+        home = Path(home) if home is not None else default_home()
+        home.mkdir(parents=True, exist_ok=True)
+        if (home / "lodestore.yaml").exists():
+            return cls.open(home)
+        cfg = cfg or StoreConfig.embedded(home)
+        cfg.validate()
+        for t in cfg.targets:
+            open_target(t.id, t.url, cfg.durability).ensure()
+        cfg.save()
+        return cls(cfg)
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, *, create: bool = False) -> Volume:
+        home = Path(home) if home is not None else default_home()
+        if create and not (home / "lodestore.yaml").exists():
+            return cls.init(home)
+        return cls(StoreConfig.load(home))
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+        self.chunks.close()
+        self.meta.close()
+
+    def __enter__(self) -> Volume:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- tenants -----------------------------------------------------------------------
+
+    def create_tenant(self, tenant: str) -> bool:
+        return self.meta.create_tenant(paths.check_tenant_id(tenant))
+
+    def list_tenants(self) -> list[str]:
+        return [t for t, _ in self.meta.list_tenants()]
+
+    def _tenant(self, tenant: str) -> str:
+        paths.check_tenant_id(tenant)
+        self.meta.tenant_key(tenant)  # raises UnknownTenant
+        return tenant
+
+    # -- path resolution ---------------------------------------------------------------
+
+    def _lookup_dir(self, tenant: str, parent: int, name: str, path: str) -> int:
+        key = (tenant, parent, name)
+        hit = self._dirs.get(key)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        e = self.meta.get(tenant, parent, name)
+        if e is None:
+            raise NotFound(f"directory {path} does not exist")
+        if not e.is_dir:
+            raise NotADirectory(f"{path} is a file, not a directory")
+        with self._dirs_lock:
+            self._dirs[key] = (e.ino, now + self.cfg.dir_cache_ttl)
+        return e.ino
+
+    def _forget_dir(self, tenant: str, parent: int, name: str) -> None:
+        with self._dirs_lock:
+            self._dirs.pop((tenant, parent, name), None)
+            if len(self._dirs) > 100_000:
+                self._dirs.clear()
+
+    def _resolve_dir(self, tenant: str, parts: tuple[str, ...], create: bool = False) -> list[int]:
+        """Inodes of root and each directory in ``parts`` (mkdir -p when ``create``)."""
+        chain = [ROOT_INO]
+        for i, comp in enumerate(parts):
+            path = paths.join(parts[: i + 1])
+            try:
+                chain.append(self._lookup_dir(tenant, chain[-1], comp, path))
+            except NotFound:
+                if not create:
+                    raise
+                chain.append(self._mkdir_one(tenant, chain[-1], comp, path, exist_ok=True).ino)
+        return chain
+
+    def _entry(self, tenant: str, parts: tuple[str, ...]) -> tuple[int, Entry]:
+        if not parts:
+            raise IsADirectory("/ is the root directory")
+        parent = self._resolve_dir(tenant, parts[:-1])[-1]
+        e = self.meta.get(tenant, parent, parts[-1])
+        if e is None:
+            raise NotFound(f"{paths.join(parts)} does not exist")
+        return parent, e
+
+    # -- namespace ---------------------------------------------------------------------
+
+    def stat(self, tenant: str, path: str) -> FileInfo:
+        self._tenant(tenant)
+        parts = paths.split_path(path)
+        if not parts:
+            return FileInfo("/", "", "directory", 0, 0, 0.0, 0.0, True, 0, None)
+        _, e = self._entry(tenant, parts)
+        return _info(paths.join(parts), e)
+
+    def exists(self, tenant: str, path: str) -> bool:
+        try:
+            self.stat(tenant, path)
+            return True
+        except (NotFound, NotADirectory):
+            return False
+
+    def list_dir(
+        self, tenant: str, path: str, cursor: str | None = None, limit: int = 1000
+    ) -> tuple[list[FileInfo], str | None]:
+        """One page of a directory in byte order of names, and the cursor of the next."""
+        self._tenant(tenant)
+        if not 1 <= limit <= 10_000:
+            raise InvalidArgument("limit must be between 1 and 10000")
+        parts = paths.split_path(path)
+        ino = self._resolve_dir(tenant, parts)[-1]
+        after = decode_cursor(cursor) if cursor else None
+        kids = self.meta.children(tenant, ino, after, limit + 1)
+        more = len(kids) > limit
+        kids = kids[:limit]
+        base = paths.join(parts).rstrip("/")
+        items = [_info(f"{base}/{e.name}", e) for e in kids]
+        return items, (encode_cursor(kids[-1].name) if more and kids else None)
+
+    def iter_dir(self, tenant: str, path: str) -> Iterator[FileInfo]:
+        cursor = None
+        while True:
+            items, cursor = self.list_dir(tenant, path, cursor)
+            yield from items
+            if cursor is None:
+                return
+
+    def walk(self, tenant: str, path: str = "/") -> Iterator[FileInfo]:
+        """Every entry below ``path``, depth first."""
+        for info in self.iter_dir(tenant, path):
+            yield info
+            if info.is_dir:
+                yield from self.walk(tenant, info.path)
+
+    def _mkdir_one(self, tenant: str, parent: int, name: str, path: str, exist_ok: bool) -> Entry:
+        now = time.time()
+        e = Entry(tenant, parent, name, new_ino(), "d", 1, 0, now, now)
+        try:
+            return self.meta.create(e)
+        except AlreadyExists:
+            cur = self.meta.get(tenant, parent, name)
+            if cur is not None and cur.is_dir and exist_ok:
+                return cur
+            if cur is not None and not cur.is_dir:
+                raise NotADirectory(f"{path} exists and is a file") from None
+            raise AlreadyExists(f"{path} already exists") from None
+
+    def mkdir(self, tenant: str, path: str, parents: bool = False, exist_ok: bool = False) -> FileInfo:
+        self._tenant(tenant)
+        parts = paths.split_path(path)
+        if not parts:
+            if exist_ok:
+                return self.stat(tenant, "/")
+            raise AlreadyExists("/ already exists")
+        parent = self._resolve_dir(tenant, parts[:-1], create=parents)[-1]
+        e = self._mkdir_one(tenant, parent, parts[-1], paths.join(parts), exist_ok)
+        return _info(paths.join(parts), e)
+
+    # -- writes ------------------------------------------------------------------------
+
+    def _store_stream(self, tenant: str, data: DataSource) -> tuple[list[tuple[bytes, int]], int]:
+        """Store all chunks of ``data`` with bounded parallelism; nothing is committed."""
+        refs: list[tuple[bytes, int]] = []
+        inflight: list[Future] = []
+        size = 0
+        limit = self.cfg.write_concurrency
+        for piece in _Chunker(data, self.cfg.chunk_size):
+            size += len(piece)
+            inflight.append(self.pool.submit(self.chunks.store, tenant, piece))
+            if len(inflight) >= limit:
+                refs.append(inflight.pop(0).result())
+        for fut in inflight:
+            refs.append(fut.result())
+        return refs, size
+
+    def _head(self, data: DataSource) -> tuple[bytes | None, DataSource]:
+        """If ``data`` fits inline, return it whole; else a source that replays it."""
+        limit = self.cfg.inline_threshold
+        if isinstance(data, bytes | bytearray | memoryview):
+            return (bytes(data) if len(data) <= limit else None), data
+        if isinstance(data, str):
+            raise InvalidArgument("data must be bytes; encode text first (e.g. UTF-8)")
+        if hasattr(data, "read"):
+            first = data.read(limit + 1)  # type: ignore[union-attr]
+            if len(first) <= limit:
+                return first, first
+            return None, _Chained([first], data)  # type: ignore[arg-type]
+        it = iter(data)  # type: ignore[arg-type]
+        buf = bytearray()
+        for piece in it:
+            buf += piece
+            if len(buf) > limit:
+                return None, _Chained([bytes(buf)], it)
+        return bytes(buf), bytes(buf)
+
+    def write(
+        self,
+        tenant: str,
+        path: str,
+        data: DataSource,
+        *,
+        mode: str = "overwrite",
+        expected_version: int | None = None,
+        parents: bool = True,
+        attrs: dict[str, Any] | None = None,
+    ) -> FileInfo:
+        """Create, overwrite or append ``path``.
+
+        ``expected_version``: the write happens only if the file is at that version
+        (0: only if it does not exist yet). ``mode='create'`` refuses an existing file.
+        """
+        self._tenant(tenant)
+        if mode not in ("overwrite", "create", "append"):
+            raise InvalidArgument("mode must be 'overwrite', 'create' or 'append'")
+        if expected_version is not None and expected_version < 0:
+            raise InvalidArgument("expected_version must be >= 0")
+        parts = paths.split_path(path)
+        if not parts:
+            raise IsADirectory("cannot write to / (the root directory)")
+        norm = paths.join(parts)
+        parent = self._resolve_dir(tenant, parts[:-1], create=parents)[-1]
+        name = parts[-1]
+        attrs_json = json.dumps(attrs, sort_keys=True) if attrs is not None else None
+        if mode == "append":
+            return self._append(tenant, parent, name, norm, data, expected_version, attrs_json)
+        # Check preconditions before spending work on chunks.
+        cur = self.meta.get(tenant, parent, name)
+        self._check(norm, cur, mode, expected_version)
+        inline, source = self._head(data)
+        if inline is not None:
+            blob: bytes | None = inline
+            refs_blob = None
+            size = len(inline)
+        else:
+            refs, size = self._store_stream(tenant, source)
+            blob, refs_blob = None, pack_refs(refs)
+        for _ in range(MAX_RETRIES):
+            now = time.time()
+            if cur is None:
+                e = Entry(tenant, parent, name, new_ino(), "f", 1, size, now, now,
+                          blob, refs_blob, attrs_json)
+                try:
+                    return _info(norm, self.meta.create(e))
+                except AlreadyExists:
+                    cur = self.meta.get(tenant, parent, name)
+                    self._check(norm, cur, mode, expected_version)
+                    continue
+            new = replace(cur, version=cur.version + 1, size=size, mtime=now, data=blob,
+                          chunks=refs_blob, attrs=attrs_json)
+            try:
+                return _info(norm, self.meta.update(cur, new))
+            except ConcurrentChange:
+                cur = self.meta.get(tenant, parent, name)
+                self._check(norm, cur, mode, expected_version)
+        raise ConcurrentChange(f"{norm} is being changed by others; retry")
+
+    @staticmethod
+    def _check(path: str, cur: Entry | None, mode: str, expected: int | None) -> None:
+        if cur is not None and cur.is_dir:
+            raise IsADirectory(f"{path} is a directory")
+        if expected is not None:
+            actual = cur.version if cur is not None else None
+            if (expected == 0 and cur is not None) or (expected > 0 and actual != expected):
+                raise VersionMismatch(path, expected, actual)
+        if mode == "create" and cur is not None:
+            raise AlreadyExists(f"{path} already exists; use overwrite or append")
+
+    def _append(
+        self, tenant: str, parent: int, name: str, path: str, data: DataSource,
+        expected: int | None, attrs_json: str | None,
+    ) -> FileInfo:
+        cur = self.meta.get(tenant, parent, name)
+        self._check(path, cur, "append", expected)
+        inline, source = self._head(data)
+        new_refs: list[tuple[bytes, int]] | None = None
+        for _ in range(MAX_RETRIES):
+            now = time.time()
+            old_size = cur.size if cur is not None else 0
+            old_inline = cur.data if cur is not None and cur.chunks is None else b""
+            if inline is not None and len(old_inline or b"") + len(inline) <= self.cfg.inline_threshold and (
+                cur is None or cur.chunks is None
+            ):
+                blob, refs_blob, size = (old_inline or b"") + inline, None, old_size + len(inline)
+            else:
+                if new_refs is None:
+                    new_refs, _ = self._store_stream(tenant, inline if inline is not None else source)
+                refs = unpack_refs(cur.chunks) if cur is not None and cur.chunks else []
+                if old_inline:
+                    refs = [self.chunks.store(tenant, old_inline)]
+                refs = self._merge_tail(tenant, refs, new_refs)
+                blob, refs_blob = None, pack_refs(refs)
+                size = sum(n for _, n in refs)
+            try:
+                if cur is None:
+                    e = Entry(tenant, parent, name, new_ino(), "f", 1, size, now, now,
+                              blob, refs_blob, attrs_json)
+                    return _info(path, self.meta.create(e))
+                new = replace(cur, version=cur.version + 1, size=size, mtime=now, data=blob,
+                              chunks=refs_blob, attrs=attrs_json if attrs_json is not None else cur.attrs)
+                return _info(path, self.meta.update(cur, new))
+            except (ConcurrentChange, AlreadyExists):
+                cur = self.meta.get(tenant, parent, name)
+                self._check(path, cur, "append", expected)
+        raise ConcurrentChange(f"{path} is being changed by others; retry")
+
+    def _merge_tail(self, tenant: str, old: list[tuple[bytes, int]],
+                    new: list[tuple[bytes, int]]) -> list[tuple[bytes, int]]:
+        """Join a short last chunk with the first new one, so appends don't fragment."""
+        if not old or not new or old[-1][1] + new[0][1] > self.cfg.chunk_size:
+            return old + new
+        a = self.chunks.read_all(tenant, old[-1][0].hex())
+        b = self.chunks.read_all(tenant, new[0][0].hex())
+        return old[:-1] + [self.chunks.store(tenant, a + b)] + new[1:]
+
+    # -- reads -------------------------------------------------------------------------
+
+    def open_file(self, tenant: str, path: str) -> FileReader:
+        self._tenant(tenant)
+        parts = paths.split_path(path)
+        _, e = self._entry(tenant, parts)
+        if e.is_dir:
+            raise IsADirectory(f"{paths.join(parts)} is a directory")
+        return FileReader(self, tenant, paths.join(parts), e)
+
+    def read(self, tenant: str, path: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self.open_file(tenant, path).read(offset, length)
+
+    # -- move and delete ---------------------------------------------------------------
+
+    def move(self, tenant: str, src: str, dst: str, overwrite: bool = False) -> FileInfo:
+        self._tenant(tenant)
+        sp, dp = paths.split_path(src), paths.split_path(dst)
+        if not sp or not dp:
+            raise InvalidPath("cannot move the root directory or onto it")
+        if sp == dp:
+            return self.stat(tenant, src)
+        for _ in range(MAX_RETRIES):
+            s_parent, s = self._entry(tenant, sp)
+            chain = self._resolve_dir(tenant, dp[:-1])
+            if s.is_dir and s.ino in chain:
+                raise InvalidArgument(f"cannot move {paths.join(sp)} into itself ({paths.join(dp)})")
+            d_parent = chain[-1]
+            existing = self.meta.get(tenant, d_parent, dp[-1])
+            if existing is not None:
+                if not overwrite:
+                    raise AlreadyExists(f"{paths.join(dp)} already exists; pass overwrite to replace it")
+                if existing.is_dir and not s.is_dir:
+                    raise IsADirectory(f"{paths.join(dp)} is a directory; cannot replace it with a file")
+                if s.is_dir and not existing.is_dir:
+                    raise NotADirectory(f"{paths.join(dp)} is a file; cannot replace it with a directory")
+                if existing.is_dir and self.meta.has_children(tenant, existing.ino):
+                    raise DirectoryNotEmpty(f"{paths.join(dp)} is a non-empty directory")
+            moved = replace(s, parent=d_parent, name=dp[-1], ctime=time.time())
+            try:
+                self.meta.move(s, moved, existing)
+            except ConcurrentChange:
+                continue
+            if s.is_dir:
+                self._forget_dir(tenant, s_parent, sp[-1])
+            return _info(paths.join(dp), moved)
+        raise ConcurrentChange(f"{paths.join(sp)} keeps changing; retry the move")
+
+    def delete(
+        self, tenant: str, path: str, recursive: bool = False, expected_version: int | None = None
+    ) -> None:
+        self._tenant(tenant)
+        parts = paths.split_path(path)
+        if not parts:
+            raise InvalidPath("cannot delete the root directory")
+        for _ in range(MAX_RETRIES):
+            parent, e = self._entry(tenant, parts)
+            if expected_version is not None and e.version != expected_version:
+                raise VersionMismatch(paths.join(parts), expected_version, e.version)
+            nonempty = e.is_dir and self.meta.has_children(tenant, e.ino)
+            if nonempty and not recursive:
+                raise DirectoryNotEmpty(
+                    f"{paths.join(parts)} is not empty; delete recursively to remove it all")
+            try:
+                self.meta.remove(e, to_trash=nonempty)
+            except ConcurrentChange:
+                continue
+            if e.is_dir:
+                self._forget_dir(tenant, parent, parts[-1])
+            if nonempty:
+                self.empty_trash()
+            return
+        raise ConcurrentChange(f"{paths.join(parts)} keeps changing; retry the delete")
+
+    def empty_trash(self) -> int:
+        """Remove the subtrees of recursively deleted directories."""
+        removed = 0
+        while True:
+            items = self.meta.trash_items()
+            if not items:
+                return removed
+            for tenant, ino in items:
+                removed += self.meta.empty_trash_dir(tenant, ino)
+
+    # -- maintenance (see maintenance.py) ----------------------------------------------
+
+    def target_health(self) -> dict[str, Any]:
+        return {t.id: t.health() for t in self.targets}
+
+
+class _Chained:
+    """Replay already-read prefix pieces, then the rest of a stream or iterator."""
+
+    def __init__(self, head: list[bytes], rest: IO[bytes] | Iterator[bytes]) -> None:
+        self.head, self.rest = head, rest
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield from self.head
+        if hasattr(self.rest, "read"):
+            yield from iter(lambda: self.rest.read(1 << 20), b"")  # type: ignore[union-attr]
+        else:
+            yield from self.rest  # type: ignore[misc]
+
+
+class FileReader:
+    """A snapshot of one file version: reads see that version even if it is replaced."""
+
+    def __init__(self, vol: Volume, tenant: str, path: str, e: Entry) -> None:
+        self.vol, self.tenant, self.path, self.entry = vol, tenant, path, e
+        self.size = e.size
+        self.info = _info(path, e)
+        self.refs = unpack_refs(e.chunks)
+        self.starts: list[int] = []
+        pos = 0
+        for _, n in self.refs:
+            self.starts.append(pos)
+            pos += n
+
+    def _pieces(self, offset: int, end: int) -> list[tuple[str, int, int]]:
+        out = []
+        i = max(0, bisect.bisect_right(self.starts, offset) - 1)
+        while i < len(self.refs) and self.starts[i] < end:
+            cid, n = self.refs[i]
+            s = self.starts[i]
+            out.append((cid.hex(), max(offset, s) - s, min(end, s + n) - s))
+            i += 1
+        return out
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must be >= 0")
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        if self.entry.chunks is None:
+            return (self.entry.data or b"")[offset:end]
+        pieces = self._pieces(offset, end)
+        if len(pieces) == 1:
+            cid, a, b = pieces[0]
+            return self.vol.chunks.read(self.tenant, cid, a, b)
+        return b"".join(self._parallel(pieces))
+
+    def _parallel(self, pieces: list[tuple[str, int, int]]) -> Iterator[bytes]:
+        depth = max(1, self.vol.cfg.readahead)
+        chunks, pool = self.vol.chunks, self.vol.pool
+        futs: list[Future] = []
+        it = iter(pieces)
+        for cid, a, b in it:
+            futs.append(pool.submit(chunks.read, self.tenant, cid, a, b))
+            if len(futs) >= depth:
+                break
+        while futs:
+            data = futs.pop(0).result()
+            nxt = next(it, None)
+            if nxt is not None:
+                futs.append(pool.submit(chunks.read, self.tenant, *nxt))
+            yield data
+
+    def iter(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
+        """Stream the file chunk by chunk with read-ahead; memory stays bounded."""
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset >= end:
+            return
+        if self.entry.chunks is None:
+            yield (self.entry.data or b"")[offset:end]
+            return
+        yield from self._parallel(self._pieces(offset, end))
