@@ -13,13 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-
 from .chunks import parse_fragment_key
 from .errors import DataLost, StorageError
 from .meta import ChunkRecord
-from .meta.schema import chunks as chunks_t
-from .meta.schema import entries as entries_t
+from .meta.store import unpack_pending
 from .volume import Volume, unpack_refs
 
 Progress = Callable[[int], None]
@@ -82,23 +79,17 @@ class GcReport:
 
 
 def count_chunks(vol: Volume) -> int:
-    total = 0
-    for eng in vol.meta.engines:
-        with eng.connect() as c:
-            total += c.execute(select(func.count()).select_from(chunks_t)).scalar_one()
-    return total
+    return vol.meta.count_chunks()
 
 
 def _live_refs(vol: Volume) -> Iterator[tuple[str, str, str]]:
     """(tenant, entry name, chunk id) for every chunk referenced by any row, including
     the pending side of an unfinished move."""
-    from .meta.store import _unpack_pending
-
     for e, _state, pending in vol.meta.iter_entries():
         for cid, _n in unpack_refs(e.chunks):
             yield e.tenant, e.name, cid.hex()
         if pending:
-            p = _unpack_pending(pending)
+            p = unpack_pending(pending)
             for cid, _n in unpack_refs(p.chunks):
                 yield p.tenant, p.name, cid.hex()
 
@@ -261,18 +252,14 @@ def status(vol: Volume) -> dict[str, Any]:
         })
     files = dirs = total = 0
     engines = []
-    for idx, (url, eng) in enumerate(zip(vol.meta.urls, vol.meta.engines, strict=True)):
-        with eng.connect() as c:
-            rows = c.execute(select(entries_t.c.kind, func.count(), func.coalesce(
-                func.sum(entries_t.c.size), 0)).group_by(entries_t.c.kind)).all()
-        n_files = sum(r[1] for r in rows if r[0] == "f")
-        files += n_files
-        dirs += sum(r[1] for r in rows if r[0] == "d")
-        total += sum(int(r[2]) for r in rows if r[0] == "f")
+    for idx, (url, t) in enumerate(zip(vol.meta.urls, vol.meta.totals(), strict=True)):
+        files += t["files"]
+        dirs += t["directories"]
+        total += t["bytes"]
         engines.append({
             "url": _redact_url(url),
             "virtual_shards": sum(1 for e in vol.meta.shard_map if e == idx),
-            "files": n_files,
+            "files": t["files"],
         })
     degraded = 0
     n_chunks = 0

@@ -14,16 +14,15 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
-from sqlalchemy import Connection, and_, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import OperationalError as SAOperationalError
 
-from ..errors import AlreadyExists, StorageError, UnknownTenant, VersionMismatch
-from .engines import make_engine
-from .schema import chunks, control, entries, intents, meta, tenants, trash
+from ..errors import AlreadyExists, StorageError, UnknownTenant
+from .engines import SqlEngine
+from .schema import control, meta
 
 ROOT_INO = 1
 PENDING_TIMEOUT = 30.0  # seconds an unfinished cross-engine move may stay undecided
@@ -69,47 +68,55 @@ class ChunkRecord:
     touched: float
 
 
-_ENTRY_COLS = (
-    "tenant", "parent", "name", "ino", "kind", "version", "size", "ctime", "mtime",
-    "data", "chunks", "attrs",
-)
-_SEL_ENTRY = [entries.c[n] for n in _ENTRY_COLS] + [entries.c.state, entries.c.intent, entries.c.pending]
+_FIELDS = ("tenant", "parent", "name", "ino", "kind", "version", "size", "ctime", "mtime",
+           "data", "chunks", "attrs")
+_ECOLS = ", ".join(_FIELDS) + ", state, intent, pending"
+_KEY = "tenant = ? AND parent = ? AND name = ?"
+_EXACT = _KEY + " AND version = ? AND ino = ? AND state = 0"
+_INSERT = (f"INSERT INTO entries ({', '.join(_FIELDS)}, vshard, state, intent, pending) "
+           f"VALUES ({', '.join('?' * len(_FIELDS))}, ?, ?, ?, NULL)")
+_SET_CONTENT = ", ".join(f"{f} = ?" for f in _FIELDS[3:])
+_CCOLS = "tenant, cid, length, k, m, share_len, block_size, placement, created, touched"
+S_PENDING_NEW, S_PENDING_REPLACE = 1, 2
 
 
 def new_ino() -> int:
     return secrets.randbits(62) + 2
 
 
-def _entry_from(row) -> Entry:  # type: ignore[no-untyped-def]
-    data = row.data
-    ch = row.chunks
-    return Entry(
-        row.tenant, row.parent, row.name, row.ino, row.kind, row.version, row.size,
-        row.ctime, row.mtime,
-        bytes(data) if data is not None else None,
-        bytes(ch) if ch is not None else None,
-        row.attrs,
-    )
+def _b(v: Any) -> bytes | None:
+    return bytes(v) if v is not None else None
 
 
-def _entry_values(e: Entry, vshard: int) -> dict:
-    return {n: getattr(e, n) for n in _ENTRY_COLS} | {"vshard": vshard, "state": 0}
+def _entry(row: tuple) -> Entry:
+    return Entry(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8],
+                 _b(row[9]), _b(row[10]), row[11])
+
+
+def _values(e: Entry) -> tuple:
+    return (e.tenant, e.parent, e.name, e.ino, e.kind, e.version, e.size, e.ctime, e.mtime,
+            e.data, e.chunks, e.attrs)
 
 
 def _pack_pending(e: Entry) -> bytes:
-    d = {n: getattr(e, n) for n in _ENTRY_COLS}
+    d = {n: getattr(e, n) for n in _FIELDS}
     for n in ("data", "chunks"):
         if d[n] is not None:
             d[n] = d[n].hex()
     return json.dumps(d).encode()
 
 
-def _unpack_pending(raw: bytes) -> Entry:
+def unpack_pending(raw: bytes) -> Entry:
     d = json.loads(bytes(raw))
     for n in ("data", "chunks"):
         if d[n] is not None:
             d[n] = bytes.fromhex(d[n])
     return Entry(**d)
+
+
+def _chunk(row: tuple) -> ChunkRecord:
+    return ChunkRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                       tuple(row[7].split(",")), row[8], row[9])
 
 
 class MetaStore:
@@ -118,23 +125,23 @@ class MetaStore:
         durability: str = "fsync",
     ) -> None:
         self.urls = list(engine_urls)
-        self.engines = [make_engine(u, durability) for u in engine_urls]
+        self.engines = [SqlEngine(u, durability) for u in engine_urls]
         self.shard_map = list(shard_map)
         self.vshards = len(shard_map)
-        self.control = make_engine(control_url, durability)
+        self.control = SqlEngine(control_url, durability)
         self._keys: dict[str, bytes] = {}
         self._keys_lock = threading.Lock()
         for eng in self.engines:
-            self._retry_locked(lambda eng=eng: meta.create_all(eng))
-        self._retry_locked(lambda: control.create_all(self.control))
+            self._retry_locked(lambda eng=eng: meta.create_all(eng.sa))
+        self._retry_locked(lambda: control.create_all(self.control.sa))
 
     @staticmethod
     def _retry_locked(fn):  # type: ignore[no-untyped-def]
-        for attempt in range(50):
+        for attempt in range(100):
             try:
                 return fn()
-            except OperationalError as exc:  # concurrent first-time schema creation
-                if "locked" not in str(exc) or attempt == 49:
+            except SAOperationalError as exc:  # concurrent first-time schema creation
+                if "locked" not in str(exc) or attempt == 99:
                     raise
                 time.sleep(0.05)
         return None
@@ -149,37 +156,30 @@ class MetaStore:
     def vshard_of(self, tenant: str, key: int | str) -> int:
         return xxhash.xxh64_intdigest(f"{tenant}\x00{key}".encode()) % self.vshards
 
-    def _engine(self, vshard: int):  # type: ignore[no-untyped-def]
+    def engine(self, vshard: int) -> SqlEngine:
         return self.engines[self.shard_map[vshard]]
-
-    @contextmanager
-    def _read(self, vshard: int) -> Iterator[Connection]:
-        with self._engine(vshard).connect() as conn:
-            yield conn
-
-    @contextmanager
-    def _write(self, vshard: int) -> Iterator[Connection]:
-        with self._engine(vshard).connect().execution_options(write=True) as conn, conn.begin():
-            yield conn
 
     # -- tenants -----------------------------------------------------------------------
 
     def create_tenant(self, tenant: str) -> bool:
         """Register ``tenant``; returns False if it already existed."""
+        c = self.control
         try:
-            with self.control.connect().execution_options(write=True) as c, c.begin():
-                c.execute(insert(tenants).values(
-                    id=tenant, chunk_key=secrets.token_bytes(32), created=time.time()))
+            with c.write() as cur:
+                cur.execute(c.sql("INSERT INTO tenants (id, chunk_key, created) VALUES (?, ?, ?)"),
+                            (tenant, secrets.token_bytes(32), time.time()))
             return True
-        except IntegrityError:
+        except c.IntegrityError:
             return False
 
     def tenant_key(self, tenant: str) -> bytes:
         key = self._keys.get(tenant)
         if key is not None:
             return key
-        with self.control.connect() as c:
-            row = c.execute(select(tenants.c.chunk_key).where(tenants.c.id == tenant)).first()
+        c = self.control
+        with c.read() as cur:
+            cur.execute(c.sql("SELECT chunk_key FROM tenants WHERE id = ?"), (tenant,))
+            row = cur.fetchone()
         if row is None:
             raise UnknownTenant(tenant)
         with self._keys_lock:
@@ -187,37 +187,44 @@ class MetaStore:
         return self._keys[tenant]
 
     def list_tenants(self) -> list[tuple[str, float]]:
-        with self.control.connect() as c:
-            return [(r.id, r.created) for r in c.execute(
-                select(tenants.c.id, tenants.c.created).order_by(tenants.c.id))]
+        c = self.control
+        with c.read() as cur:
+            cur.execute("SELECT id, created FROM tenants ORDER BY id")
+            return [(r[0], r[1]) for r in cur.fetchall()]
 
     # -- entries: reads ----------------------------------------------------------------
 
     def get(self, tenant: str, parent: int, name: str) -> Entry | None:
         vs = self.vshard_of(tenant, parent)
-        with self._read(vs) as c:
-            row = c.execute(select(*_SEL_ENTRY).where(
-                entries.c.tenant == tenant, entries.c.parent == parent, entries.c.name == name
-            )).first()
+        eng = self.engine(vs)
+        with eng.read() as cur:
+            cur.execute(eng.sql(f"SELECT {_ECOLS} FROM entries WHERE {_KEY}"),
+                        (tenant, parent, name))
+            row = cur.fetchone()
         if row is None:
             return None
-        if row.state:
+        if row[12]:
             return self._settle(vs, row)
-        return _entry_from(row)
+        return _entry(row)
 
     def children(
         self, tenant: str, ino: int, after: str | None = None, limit: int = 1000
     ) -> list[Entry]:
         vs = self.vshard_of(tenant, ino)
-        q = select(*_SEL_ENTRY).where(entries.c.tenant == tenant, entries.c.parent == ino)
-        if after is not None:
-            q = q.where(entries.c.name > after)
-        q = q.order_by(entries.c.name).limit(limit)
-        with self._read(vs) as c:
-            rows = c.execute(q).all()
+        eng = self.engine(vs)
+        with eng.read() as cur:
+            if after is None:
+                cur.execute(eng.sql(
+                    f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
+                    "ORDER BY name LIMIT ?"), (tenant, ino, limit))
+            else:
+                cur.execute(eng.sql(
+                    f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? AND name > ? "
+                    "ORDER BY name LIMIT ?"), (tenant, ino, after, limit))
+            rows = cur.fetchall()
         out: list[Entry] = []
         for row in rows:
-            e = self._settle(vs, row) if row.state else _entry_from(row)
+            e = self._settle(vs, row) if row[12] else _entry(row)
             if e is not None:
                 out.append(e)
         return out
@@ -225,22 +232,17 @@ class MetaStore:
     def has_children(self, tenant: str, ino: int) -> bool:
         return bool(self.children(tenant, ino, limit=1))
 
-    def count_children(self, tenant: str, ino: int) -> int:
-        vs = self.vshard_of(tenant, ino)
-        with self._read(vs) as c:
-            return c.execute(select(func.count()).select_from(entries).where(
-                entries.c.tenant == tenant, entries.c.parent == ino)).scalar_one()
-
     # -- entries: writes ---------------------------------------------------------------
 
     def create(self, e: Entry) -> Entry:
         vs = self.vshard_of(e.tenant, e.parent)
+        eng = self.engine(vs)
         for _ in range(3):
             try:
-                with self._write(vs) as c:
-                    c.execute(insert(entries).values(**_entry_values(e, vs)))
+                with eng.write() as cur:
+                    cur.execute(eng.sql(_INSERT), (*_values(e), vs, 0, None))
                 return e
-            except IntegrityError:
+            except eng.IntegrityError:
                 if self.get(e.tenant, e.parent, e.name) is not None:
                     raise AlreadyExists(f"{e.name!r} already exists") from None
                 # the key was held by an aborted pending move that settling just cleared
@@ -249,32 +251,31 @@ class MetaStore:
     def update(self, old: Entry, new: Entry) -> Entry:
         """Replace ``old`` (same key) with ``new`` iff ``old`` is still current."""
         vs = self.vshard_of(old.tenant, old.parent)
-        vals = {n: getattr(new, n) for n in _ENTRY_COLS[3:]}
-        with self._write(vs) as c:
-            res = c.execute(update(entries).where(
-                entries.c.tenant == old.tenant, entries.c.parent == old.parent,
-                entries.c.name == old.name, entries.c.version == old.version,
-                entries.c.ino == old.ino, entries.c.state == 0,
-            ).values(**vals))
-        if res.rowcount != 1:
-            raise ConcurrentChange(f"{old.name!r} changed concurrently")
+        eng = self.engine(vs)
+        with eng.write() as cur:
+            cur.execute(eng.sql(f"UPDATE entries SET {_SET_CONTENT} WHERE {_EXACT}"),
+                        (*_values(new)[3:], old.tenant, old.parent, old.name, old.version, old.ino))
+            if cur.rowcount != 1:
+                raise ConcurrentChange(f"{old.name!r} changed concurrently")
         return new
 
     def remove(self, e: Entry, *, to_trash: bool = False) -> None:
         """Delete ``e`` iff still current; directories with children go to the trash so
         their subtree disappears atomically and is reclaimed in the background."""
         vs = self.vshard_of(e.tenant, e.parent)
-        with self._write(vs) as c:
-            res = c.execute(delete(entries).where(
-                entries.c.tenant == e.tenant, entries.c.parent == e.parent,
-                entries.c.name == e.name, entries.c.version == e.version,
-                entries.c.ino == e.ino, entries.c.state == 0,
-            ))
-            if res.rowcount != 1:
-                raise ConcurrentChange(f"{e.name!r} changed concurrently")
+        eng = self.engine(vs)
+        with eng.write() as cur:
+            self._delete_exact(eng, cur, e)
             if to_trash:
-                c.execute(insert(trash).values(
-                    tenant=e.tenant, ino=e.ino, vshard=vs, created=time.time()))
+                cur.execute(eng.sql(
+                    "INSERT INTO trash (tenant, ino, vshard, created) VALUES (?, ?, ?, ?)"),
+                    (e.tenant, e.ino, vs, time.time()))
+
+    def _delete_exact(self, eng: SqlEngine, cur: Any, e: Entry) -> None:
+        cur.execute(eng.sql(f"DELETE FROM entries WHERE {_EXACT}"),
+                    (e.tenant, e.parent, e.name, e.version, e.ino))
+        if cur.rowcount != 1:
+            raise ConcurrentChange(f"{e.name!r} changed concurrently")
 
     # -- moves -------------------------------------------------------------------------
 
@@ -290,247 +291,274 @@ class MetaStore:
         """
         vs_s = self.vshard_of(src.tenant, src.parent)
         vs_d = self.vshard_of(dst.tenant, dst.parent)
-        if self.shard_map[vs_s] == self.shard_map[vs_d]:
-            with self._write(vs_s) as c:
-                self._delete_exact(c, src)
+        es, ed = self.engine(vs_s), self.engine(vs_d)
+        if es is ed:
+            with es.write() as cur:
+                self._delete_exact(es, cur, src)
                 if replaced is not None:
-                    self._delete_exact(c, replaced)
+                    self._delete_exact(es, cur, replaced)
                 try:
-                    c.execute(insert(entries).values(**_entry_values(dst, vs_d)))
-                except IntegrityError:
+                    cur.execute(es.sql(_INSERT), (*_values(dst), vs_d, 0, None))
+                except es.IntegrityError:
                     raise AlreadyExists(f"{dst.name!r} already exists") from None
             return dst
         intent = f"{vs_s}:{time.time():.3f}:{uuid.uuid4().hex}"
-        key = and_(entries.c.tenant == dst.tenant, entries.c.parent == dst.parent,
-                   entries.c.name == dst.name)
         # (1) pending destination
-        with self._write(vs_d) as c:
+        with ed.write() as cur:
             if replaced is not None:
-                res = c.execute(update(entries).where(
-                    key, entries.c.version == replaced.version, entries.c.ino == replaced.ino,
-                    entries.c.state == 0,
-                ).values(state=2, intent=intent, pending=_pack_pending(dst)))
-                if res.rowcount != 1:
+                cur.execute(ed.sql(
+                    f"UPDATE entries SET state = ?, intent = ?, pending = ? WHERE {_EXACT}"),
+                    (S_PENDING_REPLACE, intent, _pack_pending(dst), replaced.tenant,
+                     replaced.parent, replaced.name, replaced.version, replaced.ino))
+                if cur.rowcount != 1:
                     raise ConcurrentChange(f"{dst.name!r} changed concurrently")
             else:
                 try:
-                    c.execute(insert(entries).values(
-                        **_entry_values(dst, vs_d) | {"state": 1, "intent": intent}))
-                except IntegrityError:
+                    cur.execute(ed.sql(_INSERT), (*_values(dst), vs_d, S_PENDING_NEW, intent))
+                except ed.IntegrityError:
                     raise AlreadyExists(f"{dst.name!r} already exists") from None
         # (2) commit point
         try:
-            with self._write(vs_s) as c:
-                self._delete_exact(c, src)
-                c.execute(insert(intents).values(
-                    id=intent, tenant=src.tenant, state="committed", created=time.time()))
-        except (ConcurrentChange, IntegrityError) as exc:
+            with es.write() as cur:
+                self._delete_exact(es, cur, src)
+                cur.execute(es.sql(
+                    "INSERT INTO intents (id, tenant, state, created) VALUES (?, ?, ?, ?)"),
+                    (intent, src.tenant, "committed", time.time()))
+        except (ConcurrentChange, es.IntegrityError) as exc:
             self._abort(vs_s, vs_d, intent, dst.tenant, dst.parent, dst.name)
             raise ConcurrentChange(f"{src.name!r} changed during the move; retry") from exc
         # (3) visible, (4) forget the intent
         self._finish(vs_d, intent, dst.tenant, dst.parent, dst.name)
-        with self._write(vs_s) as c:
-            c.execute(delete(intents).where(intents.c.id == intent))
+        with es.write() as cur:
+            cur.execute(es.sql("DELETE FROM intents WHERE id = ?"), (intent,))
         return dst
 
-    def _delete_exact(self, c: Connection, e: Entry) -> None:
-        res = c.execute(delete(entries).where(
-            entries.c.tenant == e.tenant, entries.c.parent == e.parent,
-            entries.c.name == e.name, entries.c.version == e.version,
-            entries.c.ino == e.ino, entries.c.state == 0,
-        ))
-        if res.rowcount != 1:
-            raise ConcurrentChange(f"{e.name!r} changed concurrently")
-
     def _finish(self, vs_d: int, intent: str, tenant: str, parent: int, name: str) -> Entry | None:
-        key = and_(entries.c.tenant == tenant, entries.c.parent == parent,
-                   entries.c.name == name, entries.c.intent == intent)
-        with self._write(vs_d) as c:
-            row = c.execute(select(*_SEL_ENTRY).where(key)).first()
+        eng = self.engine(vs_d)
+        key = (tenant, parent, name, intent)
+        with eng.write() as cur:
+            cur.execute(eng.sql(f"SELECT {_ECOLS} FROM entries WHERE {_KEY} AND intent = ?"), key)
+            row = cur.fetchone()
             if row is None:
                 return None
-            if row.state == 2:
-                new = _unpack_pending(row.pending)
-                vals = {n: getattr(new, n) for n in _ENTRY_COLS[3:]}
-                c.execute(update(entries).where(key).values(
-                    **vals, state=0, intent=None, pending=None))
+            if row[12] == S_PENDING_REPLACE:
+                new = unpack_pending(row[14])
+                cur.execute(eng.sql(
+                    f"UPDATE entries SET {_SET_CONTENT}, state = 0, intent = NULL, pending = NULL "
+                    f"WHERE {_KEY} AND intent = ?"), (*_values(new)[3:], *key))
                 return new
-            c.execute(update(entries).where(key).values(state=0, intent=None, pending=None))
-            return _entry_from(row)
+            cur.execute(eng.sql(
+                "UPDATE entries SET state = 0, intent = NULL, pending = NULL "
+                f"WHERE {_KEY} AND intent = ?"), key)
+            return _entry(row)
 
-    def _rollback_pending(self, vs_d: int, intent: str, tenant: str, parent: int, name: str) -> Entry | None:
-        key = and_(entries.c.tenant == tenant, entries.c.parent == parent,
-                   entries.c.name == name, entries.c.intent == intent)
-        with self._write(vs_d) as c:
-            row = c.execute(select(*_SEL_ENTRY).where(key)).first()
+    def _rollback_pending(self, vs_d: int, intent: str, tenant: str, parent: int, name: str) -> None:
+        eng = self.engine(vs_d)
+        key = (tenant, parent, name, intent)
+        with eng.write() as cur:
+            cur.execute(eng.sql(f"SELECT state FROM entries WHERE {_KEY} AND intent = ?"), key)
+            row = cur.fetchone()
             if row is None:
-                return None
-            if row.state == 2:
-                c.execute(update(entries).where(key).values(state=0, intent=None, pending=None))
-                return _entry_from(row)
-            c.execute(delete(entries).where(key))
-            return None
+                return
+            if row[0] == S_PENDING_REPLACE:
+                cur.execute(eng.sql("UPDATE entries SET state = 0, intent = NULL, pending = NULL "
+                                    f"WHERE {_KEY} AND intent = ?"), key)
+            else:
+                cur.execute(eng.sql(f"DELETE FROM entries WHERE {_KEY} AND intent = ?"), key)
+
+    def _intent_state(self, vs_s: int, intent: str) -> str | None:
+        eng = self.engine(vs_s)
+        with eng.read() as cur:
+            cur.execute(eng.sql("SELECT state FROM intents WHERE id = ?"), (intent,))
+            row = cur.fetchone()
+        return row[0] if row else None
 
     def _abort(self, vs_s: int, vs_d: int, intent: str, tenant: str, parent: int, name: str) -> str:
         """Decide an undecided intent as aborted, unless it committed first."""
+        es = self.engine(vs_s)
         try:
-            with self._write(vs_s) as c:
-                c.execute(insert(intents).values(
-                    id=intent, tenant=tenant, state="aborted", created=time.time()))
-        except IntegrityError:
+            with es.write() as cur:
+                cur.execute(es.sql(
+                    "INSERT INTO intents (id, tenant, state, created) VALUES (?, ?, ?, ?)"),
+                    (intent, tenant, "aborted", time.time()))
+        except es.IntegrityError:
             pass
-        with self._read(vs_s) as c:
-            state = c.execute(select(intents.c.state).where(intents.c.id == intent)).scalar()
+        state = self._intent_state(vs_s, intent)
         if state == "committed":
             self._finish(vs_d, intent, tenant, parent, name)
         else:
             self._rollback_pending(vs_d, intent, tenant, parent, name)
-        with self._write(vs_s) as c:
-            c.execute(delete(intents).where(intents.c.id == intent))
+        with es.write() as cur:
+            cur.execute(es.sql("DELETE FROM intents WHERE id = ?"), (intent,))
         return state or "aborted"
 
-    def _settle(self, vs_d: int, row) -> Entry | None:  # type: ignore[no-untyped-def]
+    def _settle(self, vs_d: int, row: tuple) -> Entry | None:
         """What a reader sees of a row in the middle of a cross-engine move."""
-        intent: str = row.intent
+        intent: str = row[13]
         vs_s = int(intent.split(":", 1)[0])
         started = float(intent.split(":")[1])
-        with self._read(vs_s) as c:
-            state = c.execute(select(intents.c.state).where(intents.c.id == intent)).scalar()
+        state = self._intent_state(vs_s, intent)
         if state == "committed":
-            return self._finish(vs_d, intent, row.tenant, row.parent, row.name)
+            return self._finish(vs_d, intent, row[0], row[1], row[2])
         if state is None and time.time() - started < PENDING_TIMEOUT:
             # undecided and young: the mover is still running; show the pre-move state
-            return _entry_from(row) if row.state == 2 else None
-        self._abort(vs_s, vs_d, intent, row.tenant, row.parent, row.name)
-        return self.get(row.tenant, row.parent, row.name)
-
-    # -- chunk registry ----------------------------------------------------------------
-
-    def chunk_get(self, tenant: str, cid: str) -> ChunkRecord | None:
-        vs = self.vshard_of(tenant, cid)
-        with self._read(vs) as c:
-            row = c.execute(select(chunks).where(
-                chunks.c.tenant == tenant, chunks.c.cid == cid)).first()
-        return _chunk_from(row) if row is not None else None
-
-    def chunk_put(self, rec: ChunkRecord) -> None:
-        """Register a chunk, or refresh its placement and touch time if known."""
-        vs = self.vshard_of(rec.tenant, rec.cid)
-        vals = dict(
-            tenant=rec.tenant, cid=rec.cid, vshard=vs, length=rec.length, k=rec.k, m=rec.m,
-            share_len=rec.share_len, block_size=rec.block_size,
-            placement=",".join(rec.placement), created=rec.created, touched=rec.touched,
-        )
-        try:
-            with self._write(vs) as c:
-                c.execute(insert(chunks).values(**vals))
-        except IntegrityError:
-            with self._write(vs) as c:
-                c.execute(update(chunks).where(
-                    chunks.c.tenant == rec.tenant, chunks.c.cid == rec.cid,
-                ).values(placement=vals["placement"], touched=rec.touched))
-
-    def chunk_touch(self, tenant: str, cid: str) -> bool:
-        vs = self.vshard_of(tenant, cid)
-        with self._write(vs) as c:
-            res = c.execute(update(chunks).where(
-                chunks.c.tenant == tenant, chunks.c.cid == cid).values(touched=time.time()))
-        return res.rowcount == 1
-
-    def chunk_set_placement(self, tenant: str, cid: str, placement: tuple[str, ...]) -> None:
-        vs = self.vshard_of(tenant, cid)
-        with self._write(vs) as c:
-            c.execute(update(chunks).where(
-                chunks.c.tenant == tenant, chunks.c.cid == cid,
-            ).values(placement=",".join(placement)))
-
-    def chunk_delete_if_idle(self, tenant: str, cid: str, touched_before: float) -> bool:
-        vs = self.vshard_of(tenant, cid)
-        with self._write(vs) as c:
-            res = c.execute(delete(chunks).where(
-                chunks.c.tenant == tenant, chunks.c.cid == cid,
-                chunks.c.touched < touched_before))
-        return res.rowcount == 1
-
-    def iter_chunks(self, batch: int = 1000) -> Iterator[ChunkRecord]:
-        for eng in self.engines:
-            last: tuple[str, str] = ("", "")
-            while True:
-                q = select(chunks).where(
-                    (chunks.c.tenant > last[0])
-                    | and_(chunks.c.tenant == last[0], chunks.c.cid > last[1])
-                ).order_by(chunks.c.tenant, chunks.c.cid).limit(batch)
-                with eng.connect() as c:
-                    rows = c.execute(q).all()
-                if not rows:
-                    break
-                for r in rows:
-                    yield _chunk_from(r)
-                last = (rows[-1].tenant, rows[-1].cid)
-
-    def iter_entries(self, batch: int = 2000) -> Iterator[tuple[Entry, int, bytes | None]]:
-        """Every row on every engine as (entry, state, pending replacement)."""
-        for eng in self.engines:
-            last: tuple[str, int, str] = ("", -1, "")
-            while True:
-                t, p, n = last
-                q = select(*_SEL_ENTRY).where(
-                    (entries.c.tenant > t)
-                    | and_(entries.c.tenant == t, entries.c.parent > p)
-                    | and_(entries.c.tenant == t, entries.c.parent == p, entries.c.name > n)
-                ).order_by(entries.c.tenant, entries.c.parent, entries.c.name).limit(batch)
-                with eng.connect() as c:
-                    rows = c.execute(q).all()
-                if not rows:
-                    break
-                for r in rows:
-                    yield _entry_from(r), r.state, (bytes(r.pending) if r.pending else None)
-                last = (rows[-1].tenant, rows[-1].parent, rows[-1].name)
+            return _entry(row) if row[12] == S_PENDING_REPLACE else None
+        self._abort(vs_s, vs_d, intent, row[0], row[1], row[2])
+        return self.get(row[0], row[1], row[2])
 
     def settle_all(self) -> int:
         """Resolve every undecided or unfinished move; returns how many were settled."""
         n = 0
-        for eng_idx, eng in enumerate(self.engines):
-            with eng.connect() as c:
-                rows = c.execute(select(*_SEL_ENTRY).where(entries.c.state != 0)).all()
+        for eng in self.engines:
+            with eng.read() as cur:
+                cur.execute(f"SELECT {_ECOLS} FROM entries WHERE state != 0")
+                rows = cur.fetchall()
             for row in rows:
-                vs = self.vshard_of(row.tenant, row.parent)
-                if self.shard_map[vs] != eng_idx:
-                    continue
-                self._settle(vs, row)
+                self._settle(self.vshard_of(row[0], row[1]), row)
                 n += 1
-            # intents whose rows were already finished (crash between steps 3 and 4)
-            with eng.connect() as c:
-                stale = c.execute(select(intents.c.id).where(
-                    intents.c.created < time.time() - PENDING_TIMEOUT)).all()
-            for (iid,) in stale:
-                with eng.connect().execution_options(write=True) as c, c.begin():
-                    still = c.execute(select(func.count()).select_from(entries).where(
-                        entries.c.intent == iid)).scalar_one()
-                if still:
-                    continue  # its row lives on another engine; settled via that row
-                self._drop_intent_everywhere(iid)
-                n += 1
+        # intents whose rows were already finished (a crash between steps 3 and 4)
+        cutoff = time.time() - PENDING_TIMEOUT
+        for eng in self.engines:
+            with eng.read() as cur:
+                cur.execute(eng.sql("SELECT id FROM intents WHERE created < ?"), (cutoff,))
+                stale = [r[0] for r in cur.fetchall()]
+            for iid in stale:
+                if not self._intent_referenced(iid):
+                    with eng.write() as cur:
+                        cur.execute(eng.sql("DELETE FROM intents WHERE id = ?"), (iid,))
+                    n += 1
         return n
 
-    def _drop_intent_everywhere(self, iid: str) -> None:
+    def _intent_referenced(self, iid: str) -> bool:
         for eng in self.engines:
-            with eng.connect().execution_options(write=True) as c, c.begin():
-                pending = c.execute(select(func.count()).select_from(entries).where(
-                    entries.c.intent == iid)).scalar_one()
-            if pending:
-                return
-        vs_s = int(iid.split(":", 1)[0])
-        with self._write(vs_s) as c:
-            c.execute(delete(intents).where(intents.c.id == iid))
+            with eng.read() as cur:
+                cur.execute(eng.sql("SELECT 1 FROM entries WHERE intent = ? LIMIT 1"), (iid,))
+                if cur.fetchone():
+                    return True
+        return False
+
+    def iter_entries(self, batch: int = 2000) -> Iterator[tuple[Entry, int, bytes | None]]:
+        """Every row on every engine as (entry, state, pending replacement)."""
+        for eng in self.engines:
+            last: tuple[str, int, str] | None = None
+            while True:
+                with eng.read() as cur:
+                    if last is None:
+                        cur.execute(eng.sql(f"SELECT {_ECOLS} FROM entries "
+                                            "ORDER BY tenant, parent, name LIMIT ?"), (batch,))
+                    else:
+                        cur.execute(eng.sql(
+                            f"SELECT {_ECOLS} FROM entries WHERE tenant > ? OR "
+                            "(tenant = ? AND parent > ?) OR (tenant = ? AND parent = ? AND name > ?) "
+                            "ORDER BY tenant, parent, name LIMIT ?"),
+                            (last[0], last[0], last[1], last[0], last[1], last[2], batch))
+                    rows = cur.fetchall()
+                if not rows:
+                    break
+                for r in rows:
+                    yield _entry(r), r[12], _b(r[14])
+                last = (rows[-1][0], rows[-1][1], rows[-1][2])
+
+    def totals(self) -> list[dict[str, int]]:
+        """Per engine: files, directories, logical bytes."""
+        out = []
+        for eng in self.engines:
+            with eng.read() as cur:
+                cur.execute("SELECT kind, COUNT(*), COALESCE(SUM(size), 0) FROM entries GROUP BY kind")
+                rows = cur.fetchall()
+            d = {"files": 0, "directories": 0, "bytes": 0}
+            for kind, n, size in rows:
+                if kind == "f":
+                    d["files"] += n
+                    d["bytes"] += int(size)
+                else:
+                    d["directories"] += n
+            out.append(d)
+        return out
+
+    # -- chunk registry ----------------------------------------------------------------
+
+    def chunk_get(self, tenant: str, cid: str) -> ChunkRecord | None:
+        eng = self.engine(self.vshard_of(tenant, cid))
+        with eng.read() as cur:
+            cur.execute(eng.sql(f"SELECT {_CCOLS} FROM chunks WHERE tenant = ? AND cid = ?"),
+                        (tenant, cid))
+            row = cur.fetchone()
+        return _chunk(row) if row is not None else None
+
+    def chunk_put(self, rec: ChunkRecord) -> None:
+        """Register a chunk, or refresh its placement and touch time if known."""
+        vs = self.vshard_of(rec.tenant, rec.cid)
+        eng = self.engine(vs)
+        placement = ",".join(rec.placement)
+        try:
+            with eng.write() as cur:
+                cur.execute(eng.sql(
+                    f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                    (rec.tenant, rec.cid, rec.length, rec.k, rec.m, rec.share_len,
+                     rec.block_size, placement, rec.created, rec.touched, vs))
+        except eng.IntegrityError:
+            with eng.write() as cur:
+                cur.execute(eng.sql(
+                    "UPDATE chunks SET placement = ?, touched = ? WHERE tenant = ? AND cid = ?"),
+                    (placement, rec.touched, rec.tenant, rec.cid))
+
+    def chunk_touch(self, tenant: str, cid: str) -> bool:
+        eng = self.engine(self.vshard_of(tenant, cid))
+        with eng.write() as cur:
+            cur.execute(eng.sql("UPDATE chunks SET touched = ? WHERE tenant = ? AND cid = ?"),
+                        (time.time(), tenant, cid))
+            return cur.rowcount == 1
+
+    def chunk_set_placement(self, tenant: str, cid: str, placement: tuple[str, ...]) -> None:
+        eng = self.engine(self.vshard_of(tenant, cid))
+        with eng.write() as cur:
+            cur.execute(eng.sql("UPDATE chunks SET placement = ? WHERE tenant = ? AND cid = ?"),
+                        (",".join(placement), tenant, cid))
+
+    def chunk_delete_if_idle(self, tenant: str, cid: str, touched_before: float) -> bool:
+        eng = self.engine(self.vshard_of(tenant, cid))
+        with eng.write() as cur:
+            cur.execute(eng.sql("DELETE FROM chunks WHERE tenant = ? AND cid = ? AND touched < ?"),
+                        (tenant, cid, touched_before))
+            return cur.rowcount == 1
+
+    def iter_chunks(self, batch: int = 1000) -> Iterator[ChunkRecord]:
+        for eng in self.engines:
+            last: tuple[str, str] | None = None
+            while True:
+                with eng.read() as cur:
+                    if last is None:
+                        cur.execute(eng.sql(f"SELECT {_CCOLS} FROM chunks "
+                                            "ORDER BY tenant, cid LIMIT ?"), (batch,))
+                    else:
+                        cur.execute(eng.sql(
+                            f"SELECT {_CCOLS} FROM chunks WHERE tenant > ? OR "
+                            "(tenant = ? AND cid > ?) ORDER BY tenant, cid LIMIT ?"),
+                            (last[0], last[0], last[1], batch))
+                    rows = cur.fetchall()
+                if not rows:
+                    break
+                for r in rows:
+                    yield _chunk(r)
+                last = (rows[-1][0], rows[-1][1])
+
+    def count_chunks(self) -> int:
+        total = 0
+        for eng in self.engines:
+            with eng.read() as cur:
+                cur.execute("SELECT COUNT(*) FROM chunks")
+                total += cur.fetchone()[0]
+        return total
 
     # -- trash -------------------------------------------------------------------------
 
     def trash_items(self) -> list[tuple[str, int]]:
         out: list[tuple[str, int]] = []
         for eng in self.engines:
-            with eng.connect() as c:
-                out += [(r.tenant, r.ino) for r in c.execute(select(trash.c.tenant, trash.c.ino))]
+            with eng.read() as cur:
+                cur.execute("SELECT tenant, ino FROM trash")
+                out += [(r[0], r[1]) for r in cur.fetchall()]
         return out
 
     def empty_trash_dir(self, tenant: str, ino: int, batch: int = 500) -> int:
@@ -541,33 +569,23 @@ class MetaStore:
             kids = self.children(tenant, ino, limit=batch)
             if not kids:
                 break
+            progressed = False
             for kid in kids:
                 try:
-                    self.remove(kid, to_trash=kid.is_dir)
+                    nonempty = kid.is_dir and self.has_children(tenant, kid.ino)
+                    self.remove(kid, to_trash=nonempty)
                     removed += 1
+                    progressed = True
                 except ConcurrentChange:
                     continue
-        # the trash row lives with the directory's old entry, which may be another shard
-        for eng in self.engines:
-            with eng.connect().execution_options(write=True) as c, c.begin():
-                c.execute(delete(trash).where(trash.c.tenant == tenant, trash.c.ino == ino))
+            if not progressed:
+                time.sleep(0.01)
+        for eng in self.engines:  # the record lives with the directory's old entry
+            with eng.write() as cur:
+                cur.execute(eng.sql("DELETE FROM trash WHERE tenant = ? AND ino = ?"),
+                            (tenant, ino))
         return removed
-
-    def in_trash(self, tenant: str, ino: int) -> bool:
-        for eng in self.engines:
-            with eng.connect() as c:
-                if c.execute(select(trash.c.ino).where(
-                        trash.c.tenant == tenant, trash.c.ino == ino)).first():
-                    return True
-        return False
-
-
-def _chunk_from(row) -> ChunkRecord:  # type: ignore[no-untyped-def]
-    return ChunkRecord(
-        row.tenant, row.cid, row.length, row.k, row.m, row.share_len, row.block_size,
-        tuple(row.placement.split(",")), row.created, row.touched,
-    )
 
 
 __all__ = ["Entry", "ChunkRecord", "MetaStore", "ConcurrentChange", "ROOT_INO", "new_ino",
-           "VersionMismatch"]
+           "unpack_pending"]
