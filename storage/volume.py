@@ -14,7 +14,7 @@ import json
 import struct
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -355,11 +355,16 @@ class Volume:
         expected_version: int | None = None,
         parents: bool = True,
         attrs: dict[str, Any] | None = None,
+        merge_attrs: Callable[[dict[str, Any] | None, int], dict[str, Any] | None] | None = None,
     ) -> FileInfo:
         """Create, overwrite or append ``path``.
 
         ``expected_version``: the write happens only if the file is at that version
         (0: only if it does not exist yet). ``mode='create'`` refuses an existing file.
+        ``attrs`` is stored with the new version (labels, spans: owned by upper layers).
+        For appends, ``merge_attrs(old_attrs, old_size)`` computes them from the version
+        being appended to, inside the compare-and-swap loop, so concurrent appends
+        cannot lose each other's attributes.
         """
         self._tenant(tenant)
         if mode not in ("overwrite", "create", "append"):
@@ -374,7 +379,8 @@ class Volume:
         name = parts[-1]
         attrs_json = json.dumps(attrs, sort_keys=True) if attrs is not None else None
         if mode == "append":
-            return self._append(tenant, parent, name, norm, data, expected_version, attrs_json)
+            return self._append(tenant, parent, name, norm, data, expected_version, attrs_json,
+                                merge_attrs)
         # Check preconditions before spending work on chunks.
         cur = self.meta.get(tenant, parent, name)
         self._check(norm, cur, mode, expected_version)
@@ -420,6 +426,7 @@ class Volume:
     def _append(
         self, tenant: str, parent: int, name: str, path: str, data: DataSource,
         expected: int | None, attrs_json: str | None,
+        merge_attrs: Callable[[dict[str, Any] | None, int], dict[str, Any] | None] | None,
     ) -> FileInfo:
         cur = self.meta.get(tenant, parent, name)
         self._check(path, cur, "append", expected)
@@ -442,6 +449,10 @@ class Volume:
                 refs = self._merge_tail(tenant, refs, new_refs)
                 blob, refs_blob = None, pack_refs(refs)
                 size = sum(n for _, n in refs)
+            if merge_attrs is not None:
+                old_attrs = json.loads(cur.attrs) if cur is not None and cur.attrs else None
+                merged = merge_attrs(old_attrs, old_size)
+                attrs_json = json.dumps(merged, sort_keys=True) if merged is not None else None
             try:
                 if cur is None:
                     e = Entry(tenant, parent, name, new_ino(), "f", 1, size, now, now,
@@ -547,6 +558,11 @@ class Volume:
                 return removed
             for tenant, ino in items:
                 removed += self.meta.empty_trash_dir(tenant, ino)
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(bytes, files) the tenant stores: logical sizes, before erasure coding."""
+        self._tenant(tenant)
+        return self.meta.usage(tenant)
 
     # -- maintenance (see maintenance.py) ----------------------------------------------
 

@@ -476,6 +476,18 @@ class MetaStore:
             out.append(d)
         return out
 
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(logical bytes, files) of one tenant across all engines."""
+        size = files = 0
+        for eng in self.engines:
+            with eng.read() as cur:
+                cur.execute(eng.sql("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM entries "
+                                    "WHERE tenant = ? AND kind = 'f'"), (tenant,))
+                s, n = cur.fetchone()
+            size += int(s)
+            files += int(n)
+        return size, files
+
     # -- chunk registry ----------------------------------------------------------------
 
     def chunk_get(self, tenant: str, cid: str) -> ChunkRecord | None:
