@@ -18,6 +18,11 @@ CONFIG_NAME = "lodestore.yaml"
 MiB = 1024 * 1024
 
 
+def one_line(exc: BaseException) -> str:
+    """A parser's multi-line message as one line (CLI errors are one line)."""
+    return " ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+
+
 def default_home() -> Path:
     env = os.environ.get("LODESTORE_HOME")
     if env:
@@ -120,7 +125,7 @@ class StoreConfig:
                 f"no store at {home}: run `lodestore init` (or set LODESTORE_HOME)"
             ) from exc
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"{path} is not valid YAML: {one_line(exc)}") from None
         known = {f for f in cls.__dataclass_fields__ if f != "home"}
         unknown = set(data) - known
         if unknown:

@@ -81,3 +81,9 @@ class CorruptFragment(StorageError):
 
 class ConfigError(StorageError):
     code = "config_error"
+
+
+class ConcurrentChange(StorageError):
+    """The entry kept changing under us; re-read and retry."""
+
+    code = "concurrent_change"

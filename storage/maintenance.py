@@ -15,7 +15,7 @@ from typing import Any
 
 from .chunks import parse_fragment_key
 from .errors import DataLost, StorageError
-from .meta import ChunkRecord
+from .meta import ROOT_INO, ChunkRecord, Entry
 from .meta.store import unpack_pending
 from .volume import Volume, unpack_refs
 
@@ -70,6 +70,7 @@ class RepairReport:
 class GcReport:
     moves_settled: int = 0
     trash_entries_removed: int = 0
+    orphan_entries_removed: int = 0
     chunks_deleted: int = 0
     orphan_fragments_deleted: int = 0
     temp_files_deleted: int = 0
@@ -196,6 +197,30 @@ def repair(vol: Volume, progress: Progress | None = None) -> RepairReport:
     return rep
 
 
+def _remove_orphan_entries(vol: Volume) -> int:
+    """Entries created in a directory that another process deleted at the same moment
+    (its directory cache was stale) hang under an inode no directory has: remove them."""
+    dirs: set[tuple[str, int]] = set()
+    parents: list[Entry] = []
+    for e, _state, _p in vol.meta.iter_entries():
+        if e.is_dir:
+            dirs.add((e.tenant, e.ino))
+        if e.parent != ROOT_INO:
+            parents.append(e)
+    removed = 0
+    for e in parents:
+        if (e.tenant, e.parent) in dirs:
+            continue
+        try:
+            vol.meta.remove(e, to_trash=e.is_dir)
+            removed += 1
+        except StorageError:
+            continue
+    if removed:
+        vol.empty_trash()
+    return removed
+
+
 def gc(vol: Volume, grace: float | None = None) -> GcReport:
     """Settle interrupted moves, empty the trash, and delete chunks, orphan fragments and
     temp files unreferenced for longer than ``grace`` seconds."""
@@ -203,6 +228,7 @@ def gc(vol: Volume, grace: float | None = None) -> GcReport:
     rep = GcReport()
     rep.moves_settled = vol.meta.settle_all()
     rep.trash_entries_removed = vol.empty_trash()
+    rep.orphan_entries_removed = _remove_orphan_entries(vol)
     cutoff = time.time() - grace
     live = {(t, c) for t, _n, c in _live_refs(vol)}
     registered: set[tuple[str, str]] = set()

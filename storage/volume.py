@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import random
 import struct
 import threading
 import time
@@ -25,6 +26,7 @@ from .chunks import ChunkStore
 from .config import StoreConfig, default_home
 from .errors import (
     AlreadyExists,
+    ConcurrentChange,
     DirectoryNotEmpty,
     InvalidArgument,
     InvalidPath,
@@ -33,11 +35,16 @@ from .errors import (
     NotFound,
     VersionMismatch,
 )
-from .meta import ROOT_INO, ConcurrentChange, Entry, MetaStore, new_ino
+from .meta import ROOT_INO, Entry, MetaStore, new_ino
 from .targets import open_target
 
 _REF = struct.Struct("<32sQ")  # chunk id, chunk length
-MAX_RETRIES = 20
+MAX_RETRIES = 60
+
+
+def _backoff(attempt: int) -> None:
+    """Jittered exponential backoff between optimistic retries (max ~20 ms)."""
+    time.sleep(random.random() * min(0.02, 0.0005 * (2 ** min(attempt, 6))))
 
 DataSource = bytes | bytearray | memoryview | IO[bytes] | Iterable[bytes]
 
@@ -85,11 +92,13 @@ def encode_cursor(name: str) -> str:
 
 def decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor.encode()).decode()
-    except (ValueError, UnicodeDecodeError) as exc:
+        name = base64.b64decode(cursor.encode(), altchars=b"-_", validate=True).decode()
+    except (ValueError, UnicodeDecodeError):
+        name = ""
+    if not name:
         raise InvalidArgument(
-            "invalid cursor: pass back the next_cursor of the previous page unchanged"
-        ) from exc
+            "invalid cursor: pass back the next_cursor of the previous page unchanged")
+    return name
 
 
 class _Chunker:
@@ -156,8 +165,13 @@ class Volume:
         cfg.validate()
         for t in cfg.targets:
             open_target(t.id, t.url, cfg.durability).ensure()
-        cfg.save()
-        return cls(cfg)
+        vol = cls(cfg)  # opens every engine first: a bad URL leaves no config behind
+        try:
+            cfg.save()
+        except BaseException:
+            vol.close()
+            raise
+        return vol
 
     @classmethod
     def open(cls, home: str | Path | None = None, *, create: bool = False) -> Volume:
@@ -225,6 +239,22 @@ class Volume:
                     raise
                 chain.append(self._mkdir_one(tenant, chain[-1], comp, path, exist_ok=True).ino)
         return chain
+
+    def _live_parent(self, tenant: str, parts: tuple[str, ...], parent: int, create: bool) -> int:
+        """Re-check, bypassing the directory cache, that ``parent`` is still the directory
+        at ``parts[:-1]`` before a new entry goes in it (another process may have removed
+        or moved it within the cache TTL). Returns the directory's current inode."""
+        if len(parts) < 2:
+            return parent
+        d = self.meta.get(tenant, self._grandparent(tenant, parts), parts[-2])
+        if d is not None and d.is_dir and d.ino == parent:
+            return parent
+        with self._dirs_lock:
+            self._dirs.clear()
+        return self._resolve_dir(tenant, parts[:-1], create=create)[-1]
+
+    def _grandparent(self, tenant: str, parts: tuple[str, ...]) -> int:
+        return self._resolve_dir(tenant, parts[:-2])[-1] if len(parts) > 2 else ROOT_INO
 
     def _entry(self, tenant: str, parts: tuple[str, ...]) -> tuple[int, Entry]:
         if not parts:
@@ -332,6 +362,10 @@ class Volume:
             return (bytes(data) if len(data) <= limit else None), data
         if isinstance(data, str):
             raise InvalidArgument("data must be bytes; encode text first (e.g. UTF-8)")
+        if not (hasattr(data, "read") or isinstance(data, Iterable)):
+            raise InvalidArgument(
+                f"data must be bytes, a binary file object or an iterable of bytes, "
+                f"not {type(data).__name__}")
         if hasattr(data, "read"):
             first = data.read(limit + 1)  # type: ignore[union-attr]
             if len(first) <= limit:
@@ -340,6 +374,8 @@ class Volume:
         it = iter(data)  # type: ignore[arg-type]
         buf = bytearray()
         for piece in it:
+            if not isinstance(piece, bytes | bytearray | memoryview):
+                raise InvalidArgument(f"data must be bytes, got a {type(piece).__name__} piece")
             buf += piece
             if len(buf) > limit:
                 return None, _Chained([bytes(buf)], it)
@@ -354,14 +390,16 @@ class Volume:
         mode: str = "overwrite",
         expected_version: int | None = None,
         parents: bool = True,
-        attrs: dict[str, Any] | None = None,
+        attrs: dict[str, Any] | Callable[[], dict[str, Any] | None] | None = None,
         merge_attrs: Callable[[dict[str, Any] | None, int], dict[str, Any] | None] | None = None,
     ) -> FileInfo:
         """Create, overwrite or append ``path``.
 
         ``expected_version``: the write happens only if the file is at that version
         (0: only if it does not exist yet). ``mode='create'`` refuses an existing file.
-        ``attrs`` is stored with the new version (labels, spans: owned by upper layers).
+        ``attrs`` is stored with the new version (labels, spans: owned by upper layers);
+        a callable is evaluated after all data is consumed and before the commit, so
+        attributes derived from streamed content land atomically with it.
         For appends, ``merge_attrs(old_attrs, old_size)`` computes them from the version
         being appended to, inside the compare-and-swap loop, so concurrent appends
         cannot lose each other's attributes.
@@ -377,10 +415,11 @@ class Volume:
         norm = paths.join(parts)
         parent = self._resolve_dir(tenant, parts[:-1], create=parents)[-1]
         name = parts[-1]
-        attrs_json = json.dumps(attrs, sort_keys=True) if attrs is not None else None
+        attrs_json = (json.dumps(attrs, sort_keys=True)
+                      if attrs is not None and not callable(attrs) else None)
         if mode == "append":
-            return self._append(tenant, parent, name, norm, data, expected_version, attrs_json,
-                                merge_attrs)
+            return self._append(tenant, parent, parts, norm, data, expected_version, attrs_json,
+                                merge_attrs, parents)
         # Check preconditions before spending work on chunks.
         cur = self.meta.get(tenant, parent, name)
         self._check(norm, cur, mode, expected_version)
@@ -392,14 +431,24 @@ class Volume:
         else:
             refs, size = self._store_stream(tenant, source)
             blob, refs_blob = None, pack_refs(refs)
-        for _ in range(MAX_RETRIES):
+        if callable(attrs):
+            late = attrs()
+            attrs_json = json.dumps(late, sort_keys=True) if late is not None else None
+        for attempt in range(MAX_RETRIES):
             now = time.time()
             if cur is None:
+                fresh = self._live_parent(tenant, parts, parent, parents)
+                if fresh != parent:
+                    parent = fresh
+                    cur = self.meta.get(tenant, parent, name)
+                    self._check(norm, cur, mode, expected_version)
+                    continue
                 e = Entry(tenant, parent, name, new_ino(), "f", 1, size, now, now,
                           blob, refs_blob, attrs_json)
                 try:
                     return _info(norm, self.meta.create(e))
                 except AlreadyExists:
+                    _backoff(attempt)
                     cur = self.meta.get(tenant, parent, name)
                     self._check(norm, cur, mode, expected_version)
                     continue
@@ -408,6 +457,7 @@ class Volume:
             try:
                 return _info(norm, self.meta.update(cur, new))
             except ConcurrentChange:
+                _backoff(attempt)
                 cur = self.meta.get(tenant, parent, name)
                 self._check(norm, cur, mode, expected_version)
         raise ConcurrentChange(f"{norm} is being changed by others; retry")
@@ -424,15 +474,17 @@ class Volume:
             raise AlreadyExists(f"{path} already exists; use overwrite or append")
 
     def _append(
-        self, tenant: str, parent: int, name: str, path: str, data: DataSource,
+        self, tenant: str, parent: int, parts: tuple[str, ...], path: str, data: DataSource,
         expected: int | None, attrs_json: str | None,
         merge_attrs: Callable[[dict[str, Any] | None, int], dict[str, Any] | None] | None,
+        parents: bool,
     ) -> FileInfo:
+        name = parts[-1]
         cur = self.meta.get(tenant, parent, name)
         self._check(path, cur, "append", expected)
         inline, source = self._head(data)
         new_refs: list[tuple[bytes, int]] | None = None
-        for _ in range(MAX_RETRIES):
+        for attempt in range(MAX_RETRIES):
             now = time.time()
             old_size = cur.size if cur is not None else 0
             old_inline = cur.data if cur is not None and cur.chunks is None else b""
@@ -455,6 +507,10 @@ class Volume:
                 attrs_json = json.dumps(merged, sort_keys=True) if merged is not None else None
             try:
                 if cur is None:
+                    fresh = self._live_parent(tenant, parts, parent, parents)
+                    if fresh != parent:
+                        parent = fresh
+                        raise ConcurrentChange("parent directory moved")
                     e = Entry(tenant, parent, name, new_ino(), "f", 1, size, now, now,
                               blob, refs_blob, attrs_json)
                     return _info(path, self.meta.create(e))
@@ -462,6 +518,7 @@ class Volume:
                               chunks=refs_blob, attrs=attrs_json if attrs_json is not None else cur.attrs)
                 return _info(path, self.meta.update(cur, new))
             except (ConcurrentChange, AlreadyExists):
+                _backoff(attempt)
                 cur = self.meta.get(tenant, parent, name)
                 self._check(path, cur, "append", expected)
         raise ConcurrentChange(f"{path} is being changed by others; retry")
@@ -497,7 +554,9 @@ class Volume:
             raise InvalidPath("cannot move the root directory or onto it")
         if sp == dp:
             return self.stat(tenant, src)
-        for _ in range(MAX_RETRIES):
+        for attempt in range(MAX_RETRIES):
+            if attempt:
+                _backoff(attempt)
             s_parent, s = self._entry(tenant, sp)
             chain = self._resolve_dir(tenant, dp[:-1])
             if s.is_dir and s.ino in chain:
@@ -520,6 +579,8 @@ class Volume:
                 continue
             if s.is_dir:
                 self._forget_dir(tenant, s_parent, sp[-1])
+            if existing is not None and existing.is_dir:
+                self._forget_dir(tenant, d_parent, dp[-1])
             return _info(paths.join(dp), moved)
         raise ConcurrentChange(f"{paths.join(sp)} keeps changing; retry the move")
 
@@ -530,7 +591,9 @@ class Volume:
         parts = paths.split_path(path)
         if not parts:
             raise InvalidPath("cannot delete the root directory")
-        for _ in range(MAX_RETRIES):
+        for attempt in range(MAX_RETRIES):
+            if attempt:
+                _backoff(attempt)
             parent, e = self._entry(tenant, parts)
             if expected_version is not None and e.version != expected_version:
                 raise VersionMismatch(paths.join(parts), expected_version, e.version)
@@ -640,6 +703,8 @@ class FileReader:
 
     def iter(self, offset: int = 0, length: int | None = None) -> Iterator[bytes]:
         """Stream the file chunk by chunk with read-ahead; memory stays bounded."""
+        if offset < 0 or (length is not None and length < 0):
+            raise InvalidArgument("offset and length must be >= 0")
         end = self.size if length is None else min(self.size, offset + length)
         if offset >= end:
             return

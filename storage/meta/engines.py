@@ -14,6 +14,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -33,7 +34,8 @@ def make_engine(url: str, durability: str = "fsync") -> Engine:
                 os.makedirs(os.path.dirname(os.path.abspath(db)), exist_ok=True)
             _sqlite_setup(engine, durability)
         else:
-            engine = create_engine(url, pool_size=4, max_overflow=64, pool_pre_ping=True)
+            engine = create_engine(url, pool_size=8, max_overflow=56, pool_pre_ping=True,
+                                   pool_timeout=30)
     except (ArgumentError, NoSuchModuleError) as exc:
         raise ConfigError(f"cannot use metadata engine {url!r}: {exc}") from exc
     except ImportError as exc:
@@ -74,7 +76,8 @@ class SqlEngine:
         self._qmark = self.sa.dialect.paramstyle == "qmark"
         self._sql: dict[str, str] = {}
         self._local = threading.local()
-        self._all: list[Any] = []
+        # SQLite: one connection per thread, closed when its thread has ended
+        self._owned: dict[int, tuple[weakref.ref[threading.Thread], Any]] = {}
         self._lock = threading.Lock()
 
     def sql(self, text: str) -> str:
@@ -86,70 +89,103 @@ class SqlEngine:
             s = self._sql[text] = text.replace("%", "%%").replace("?", "%s")
         return s
 
-    def _conn(self) -> Any:
+    def _sqlite_conn(self) -> Any:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            if self.sqlite:
-                conn = sqlite3.connect(self.sa.url.database, isolation_level=None,
-                                       check_same_thread=False, timeout=30)
-                _pragmas(conn, self.durability)
-            else:
-                conn = self.sa.raw_connection()
-                conn.driver_connection.autocommit = True
+            conn = sqlite3.connect(self.sa.url.database, isolation_level=None,
+                                   check_same_thread=False, timeout=30)
+            _pragmas(conn, self.durability)
             self._local.conn = conn
+            me = threading.current_thread()
             with self._lock:
-                self._all.append(conn)
+                dead = [k for k, (t, _c) in self._owned.items() if t() is None
+                        or not t().is_alive()]  # type: ignore[union-attr]
+                stale = [self._owned.pop(k)[1] for k in dead]
+                self._owned[id(me)] = (weakref.ref(me), conn)
+            for c in stale:
+                with contextlib.suppress(Exception):
+                    c.close()
         return conn
+
+    @contextmanager
+    def _checkout(self) -> Iterator[Any]:
+        """A driver connection: this thread's own on SQLite, a pooled one elsewhere."""
+        if self.sqlite:
+            yield self._sqlite_conn()
+            return
+        try:
+            conn = self.sa.raw_connection()
+            conn.driver_connection.autocommit = True
+        except Exception as exc:  # noqa: BLE001 - driver-specific connection errors
+            raise _unavailable(self.url, exc) from exc
+        try:
+            yield conn
+        except self.OperationalError:
+            conn.invalidate()
+            raise
+        finally:
+            conn.close()  # back to the pool
 
     def _reset(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
         if conn is not None:
+            with self._lock:
+                self._owned.pop(id(threading.current_thread()), None)
             with contextlib.suppress(Exception):  # the connection is already broken
                 conn.close()
 
     @contextmanager
     def read(self) -> Iterator[Any]:
         """A cursor in autocommit mode: each statement sees committed data."""
-        try:
-            cur = self._conn().cursor()
-        except self.OperationalError as exc:
-            self._reset()
-            raise _unavailable(self.url, exc) from exc
-        try:
-            yield cur
-        except self.OperationalError:
-            self._reset()
-            raise
-        finally:
-            cur.close()
+        with self._checkout() as conn:
+            try:
+                cur = conn.cursor()
+            except self.OperationalError as exc:
+                self._reset()
+                raise _unavailable(self.url, exc) from exc
+            try:
+                yield cur
+            except self.OperationalError:
+                if self.sqlite:
+                    self._reset()
+                raise
+            finally:
+                cur.close()
 
     @contextmanager
     def write(self) -> Iterator[Any]:
         """A cursor inside one transaction, committed on success, rolled back on error."""
-        conn = self._conn()
-        cur = conn.cursor()
-        try:
-            cur.execute("BEGIN IMMEDIATE" if self.sqlite else "BEGIN")
-        except self.OperationalError as exc:
-            cur.close()
-            self._reset()
-            raise _unavailable(self.url, exc) from exc
-        try:
-            yield cur
-            cur.execute("COMMIT")
-        except BaseException:
+        with self._checkout() as conn:
+            cur = conn.cursor()
             try:
-                cur.execute("ROLLBACK")
-            except Exception:  # noqa: BLE001 - connection gone: drop it
-                self._reset()
-            raise
-        finally:
-            cur.close()
+                cur.execute("BEGIN IMMEDIATE" if self.sqlite else "BEGIN")
+            except self.OperationalError as exc:
+                cur.close()
+                if self.sqlite:
+                    self._reset()
+                raise _unavailable(self.url, exc) from exc
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                try:
+                    cur.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - connection gone: drop it
+                    if self.sqlite:
+                        self._reset()
+                raise
+            finally:
+                cur.close()
+
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._owned)
 
     def dispose(self) -> None:
         with self._lock:
-            conns, self._all = self._all, []
+            conns = [c for _t, c in self._owned.values()]
+            self._owned.clear()
         for c in conns:
             with contextlib.suppress(Exception):
                 c.close()

@@ -20,18 +20,12 @@ from typing import Any
 import xxhash
 from sqlalchemy.exc import OperationalError as SAOperationalError
 
-from ..errors import AlreadyExists, StorageError, UnknownTenant
+from ..errors import AlreadyExists, ConcurrentChange, ConfigError, UnknownTenant
 from .engines import SqlEngine
 from .schema import control, meta
 
 ROOT_INO = 1
 PENDING_TIMEOUT = 30.0  # seconds an unfinished cross-engine move may stay undecided
-
-
-class ConcurrentChange(StorageError):
-    """The entry changed between read and write; the caller re-reads and retries."""
-
-    code = "concurrent_change"
 
 
 @dataclass(frozen=True)
@@ -132,19 +126,25 @@ class MetaStore:
         self._keys: dict[str, bytes] = {}
         self._keys_lock = threading.Lock()
         for eng in self.engines:
-            self._retry_locked(lambda eng=eng: meta.create_all(eng.sa))
-        self._retry_locked(lambda: control.create_all(self.control.sa))
+            self._create_schema(eng, meta)
+        self._create_schema(self.control, control)
 
     @staticmethod
-    def _retry_locked(fn):  # type: ignore[no-untyped-def]
+    def _create_schema(eng: SqlEngine, md) -> None:  # type: ignore[no-untyped-def]
         for attempt in range(100):
             try:
-                return fn()
+                md.create_all(eng.sa)
+                return
             except SAOperationalError as exc:  # concurrent first-time schema creation
-                if "locked" not in str(exc) or attempt == 99:
-                    raise
-                time.sleep(0.05)
-        return None
+                if "locked" in str(exc) and attempt < 99:
+                    time.sleep(0.05)
+                    continue
+                safe = eng.url.split("@")[-1]
+                reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+                raise ConfigError(
+                    f"cannot open metadata engine {safe}: {reason}; check that the server "
+                    "is running and the URL, user and database are right"
+                ) from None
 
     def close(self) -> None:
         for eng in self.engines:
@@ -600,4 +600,4 @@ class MetaStore:
 
 
 __all__ = ["Entry", "ChunkRecord", "MetaStore", "ConcurrentChange", "ROOT_INO", "new_ino",
-           "unpack_pending"]
+           "unpack_pending", "ConcurrentChange"]
