@@ -437,18 +437,21 @@ class MetaStore:
                     return True
         return False
 
-    def iter_entries(self, batch: int = 2000) -> Iterator[tuple[Entry, int, bytes | None]]:
-        """Every row on every engine as (entry, state, pending replacement)."""
+    def iter_entries(self, batch: int = 2000, with_data: bool = False
+                     ) -> Iterator[tuple[Entry, int, bytes | None]]:
+        """Every row on every engine as (entry, state, pending replacement). Inline file
+        content is left out (``data`` None) unless ``with_data``: scans stay small."""
+        cols = _ECOLS if with_data else _ECOLS.replace("data,", "NULL,", 1)
         for eng in self.engines:
             last: tuple[str, int, str] | None = None
             while True:
                 with eng.read() as cur:
                     if last is None:
-                        cur.execute(eng.sql(f"SELECT {_ECOLS} FROM entries "
+                        cur.execute(eng.sql(f"SELECT {cols} FROM entries "
                                             "ORDER BY tenant, parent, name LIMIT ?"), (batch,))
                     else:
                         cur.execute(eng.sql(
-                            f"SELECT {_ECOLS} FROM entries WHERE tenant > ? OR "
+                            f"SELECT {cols} FROM entries WHERE tenant > ? OR "
                             "(tenant = ? AND parent > ?) OR (tenant = ? AND parent = ? AND name > ?) "
                             "ORDER BY tenant, parent, name LIMIT ?"),
                             (last[0], last[0], last[1], last[0], last[1], last[2], batch))
