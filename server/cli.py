@@ -28,6 +28,9 @@ from rich.table import Table
 from storage import StorageError, StoreConfig, Volume, default_home
 from storage.config import CONFIG_NAME
 
+from .wiring import App, admin
+from .wiring import open_app as _open_app
+
 err = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -57,14 +60,18 @@ def home_of(ctx: click.Context) -> Path:
     return Path(ctx.obj["home"]) if ctx.obj.get("home") else default_home()
 
 
-def open_volume(ctx: click.Context, create: bool = True) -> Volume:
-    """Open the store, creating the embedded default on first use."""
-    vol = ctx.obj.get("volume")
-    if vol is None:
-        vol = Volume.open(home_of(ctx), create=create)
-        ctx.obj["volume"] = vol
-        ctx.call_on_close(vol.close)
-    return vol
+def open_app(ctx: click.Context) -> App:
+    """Open the store with its governance, creating the embedded default on first use."""
+    app = ctx.obj.get("app")
+    if app is None:
+        app = _open_app(home_of(ctx), transport="cli")
+        ctx.obj["app"] = app
+        ctx.call_on_close(app.close)
+    return app
+
+
+def open_volume(ctx: click.Context) -> Volume:
+    return open_app(ctx).vol
 
 
 def _bytes(n: int | None) -> str:
@@ -123,7 +130,6 @@ def init(ctx: click.Context, config_file: str | None) -> None:
         raise click.ClickException(
             f"a store already exists at {home}; its settings live in {home / CONFIG_NAME}")
     vol = Volume.init(home, cfg)
-    ctx.obj["volume"] = vol
     ctx.call_on_close(vol.close)
     c = vol.cfg
     word = "exists" if existed else "created"
@@ -192,10 +198,9 @@ def tenant() -> None:
 @click.pass_context
 def tenant_add(ctx: click.Context, name: str) -> None:
     """Create tenant NAME (lowercase letters, digits, '-' and '_')."""
-    if open_volume(ctx).create_tenant(name):
-        out.print(f"tenant {name} created")
-    else:
-        raise click.ClickException(f"tenant {name} already exists")
+    open_app(ctx).principals.add_tenant(name)
+    out.print(f"tenant {name} created (policy: permissive default; set one with "
+              f"`lodestore policy set {name} FILE`)")
 
 
 @tenant.command("list")
@@ -215,6 +220,8 @@ def tenant_list(ctx: click.Context, as_json: bool) -> None:
 
 tenant_opt = click.option("--tenant", "-t", required=True, envvar="LODESTORE_TENANT",
                           help="Tenant whose namespace to use.")
+role_opt = click.option("--role", default="admin", show_default=True,
+                        help="Role to act as: the tenant's policy decides what it may do and see.")
 
 
 class _Counting:
@@ -231,44 +238,55 @@ class _Counting:
 @click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
 @click.argument("path")
 @tenant_opt
+@role_opt
 @click.option("--expect-version", type=int, default=None,
               help="Only write if the file is at this version (0: only if it does not exist).")
 @click.option("--append", is_flag=True, help="Append instead of replacing.")
 @click.pass_context
-def put(ctx: click.Context, local: str, path: str, tenant: str,
+def put(ctx: click.Context, local: str, path: str, tenant: str, role: str,
         expect_version: int | None, append: bool) -> None:
-    """Store LOCAL (a file, or - for stdin) at PATH in the tenant's namespace."""
-    vol = open_volume(ctx)
-    mode = "append" if append else "overwrite"
-    if local == "-":
-        info = vol.write(tenant, path, sys.stdin.buffer, mode=mode, expected_version=expect_version)
+    """Store LOCAL (a file, or - for stdin) at PATH, classified and governed like any write."""
+    gw = open_app(ctx).gateway
+    who = admin(tenant, role)
+    if append:
+        data = sys.stdin.buffer.read() if local == "-" else Path(local).read_bytes()
+        res = gw.write(who, path, data, mode="append", expected_version=expect_version)
+    elif local == "-":
+        res = gw.write(who, path, sys.stdin.buffer, expected_version=expect_version)
     else:
         size = os.path.getsize(local)
         with open(local, "rb") as f, _progress(transfer=True) as bar:
             task = bar.add_task(f"put {Path(local).name}", total=size)
             src = _Counting(f, lambda n: bar.advance(task, n))
-            info = vol.write(tenant, path, src, mode=mode, expected_version=expect_version)
-    out.print(f"{info.path}  {_bytes(info.size)}  version {info.version}")
+            res = gw.write(who, path, src, expected_version=expect_version, size_hint=size)
+    info = res.info
+    extra = ""
+    if res.labels:
+        extra += f"  labels {','.join(res.labels)}"
+    if res.redacted:
+        extra += "  redacted " + ",".join(f"{k}x{v}" for k, v in sorted(res.redacted.items()))
+    out.print(f"{info.path}  {_bytes(info.size)}  version {info.version}{extra}")
 
 
 @main.command()
 @click.argument("path")
 @click.argument("local", type=click.Path(dir_okay=False, allow_dash=True))
 @tenant_opt
+@role_opt
 @click.pass_context
-def get(ctx: click.Context, path: str, local: str, tenant: str) -> None:
-    """Copy PATH from the tenant's namespace to LOCAL (or - for stdout)."""
-    reader = open_volume(ctx).open_file(tenant, path)
+def get(ctx: click.Context, path: str, local: str, tenant: str, role: str) -> None:
+    """Copy PATH to LOCAL (or - for stdout); labels the role may not see come masked."""
+    info, pieces = open_app(ctx).gateway.open_stream(admin(tenant, role), path)
     if local == "-":
-        for piece in reader.iter():
+        for piece in pieces:
             sys.stdout.buffer.write(piece)
         sys.stdout.buffer.flush()
         return
     tmp = f"{local}.lodestore-part"
     try:
         with open(tmp, "wb") as f, _progress(transfer=True) as bar:
-            task = bar.add_task(f"get {Path(path).name}", total=reader.size)
-            for piece in reader.iter():
+            task = bar.add_task(f"get {Path(path).name}", total=info.size)
+            for piece in pieces:
                 f.write(piece)
                 bar.advance(task, len(piece))
         os.replace(tmp, local)
@@ -276,19 +294,26 @@ def get(ctx: click.Context, path: str, local: str, tenant: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    err.print(f"{local}  {_bytes(reader.size)}  version {reader.info.version}")
+    err.print(f"{local}  {_bytes(info.size)}  version {info.version}")
 
 
 @main.command()
 @click.argument("path", default="/")
 @tenant_opt
+@role_opt
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def ls(ctx: click.Context, path: str, tenant: str, as_json: bool) -> None:
+def ls(ctx: click.Context, path: str, tenant: str, role: str, as_json: bool) -> None:
     """List a directory (or show one file)."""
-    vol = open_volume(ctx)
-    info = vol.stat(tenant, path)
-    items = list(vol.iter_dir(tenant, path)) if info.is_dir else [info]
+    gw = open_app(ctx).gateway
+    who = admin(tenant, role)
+    info = gw.stat(who, path)
+    items = [info]
+    if info.is_dir:
+        items, cursor = gw.list_dir(who, path)
+        while cursor:
+            more, cursor = gw.list_dir(who, path, cursor)
+            items += more
     if as_json:
         click.echo(json.dumps([i.__dict__ for i in items], indent=1))
         return
@@ -304,11 +329,12 @@ def ls(ctx: click.Context, path: str, tenant: str, as_json: bool) -> None:
 @main.command()
 @click.argument("path")
 @tenant_opt
+@role_opt
 @click.option("-r", "--recursive", is_flag=True, help="Remove a directory and everything in it.")
 @click.pass_context
-def rm(ctx: click.Context, path: str, tenant: str, recursive: bool) -> None:
+def rm(ctx: click.Context, path: str, tenant: str, role: str, recursive: bool) -> None:
     """Remove a file or directory."""
-    open_volume(ctx).delete(tenant, path, recursive=recursive)
+    open_app(ctx).gateway.delete(admin(tenant, role), path, recursive=recursive)
 
 
 # -- maintenance ----------------------------------------------------------------------
@@ -384,6 +410,11 @@ def gc(ctx: click.Context, grace: float | None, as_json: bool) -> None:
     else:
         out.print("gc: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rep.items()))
 
+
+from . import cli_gov  # noqa: E402,F401  (registers agent, policy and audit commands)
+from .bench import bench  # noqa: E402
+
+main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
     main()
