@@ -27,12 +27,12 @@ DOWN_SECONDS = 5.0  # how long a failing target is skipped by writers
 
 
 def fragment_key(tenant: str, cid: str, index: int) -> str:
-    return f"{tenant}/{cid[:2]}/{cid[2:4]}/{cid}.{index}"
+    return f"{tenant}/{cid[:2]}/{cid}.{index}"
 
 
 def parse_fragment_key(key: str) -> tuple[str, str, int] | None:
     try:
-        tenant, _a, _b, name = key.split("/")
+        tenant, _a, name = key.split("/")
         cid, idx = name.rsplit(".", 1)
         return tenant, cid, int(idx)
     except ValueError:
@@ -188,7 +188,12 @@ class ChunkStore:
         )
 
     def read(self, tenant: str, cid: str, start: int, end: int) -> bytes:
-        """Bytes [start, end) of a chunk, decoding from parity only when needed."""
+        """Bytes [start, end) of a chunk, decoding from parity only when needed.
+
+        Healthy: only the data shares holding the range are read. Degraded: the shares
+        already read are kept, targets known to be down are skipped without I/O, and
+        just the missing columns are fetched from parity shares, all in parallel.
+        """
         rec = self.record(tenant, cid)
         end = min(end, rec.length)
         if start >= end:
@@ -197,43 +202,75 @@ class ChunkStore:
         i0, i1 = start // s, (end - 1) // s
         pieces = [(i, max(start, i * s) - i * s, min(end, (i + 1) * s) - i * s)
                   for i in range(i0, i1 + 1)]
-        try:
-            if len(pieces) == 1:
-                i, a, b = pieces[0]
+        if len(pieces) == 1 and not self._skip(rec, i0):
+            i, a, b = pieces[0]
+            try:
                 return self._fetch_range(rec, i, a, b)
-            futs = [self.io.submit(self._fetch_range, rec, i, a, b) for i, a, b in pieces]
-            return b"".join(f.result() for f in futs)
-        except (NotFound, CorruptFragment, TargetUnavailable):
-            pass
-        rec = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
-        return self._degraded(rec, pieces)
+            except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                self._note_failure(rec, i, exc)
+                got: dict[int, bytes] = {}
+        else:
+            got = self._gather(rec, [(i, a, b) for i, a, b in pieces])
+        if len(got) < len(pieces):
+            fresh = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
+            if fresh.placement != rec.placement:
+                return self.read(tenant, cid, start, end)
+            got.update(self._degraded(rec, pieces, got))
+        return b"".join(got[i] for i, _a, _b in pieces)
 
-    def _degraded(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]]) -> bytes:
-        lo = min(a for _i, a, _b in pieces)
-        hi = max(b for _i, _a, b in pieces)
+    def _skip(self, rec: ChunkRecord, i: int) -> bool:
+        tid = rec.placement[i] if i < len(rec.placement) else ""
+        return not tid or self.is_down(tid)
+
+    def _note_failure(self, rec: ChunkRecord, i: int, exc: Exception) -> None:
+        if isinstance(exc, TargetUnavailable) and i < len(rec.placement):
+            self.mark_down(rec.placement[i])
+
+    def _gather(self, rec: ChunkRecord, want: list[tuple[int, int, int]]) -> dict[int, bytes]:
+        """Fetch share ranges in parallel; returns those that were read intact."""
+        futs = {i: self.io.submit(self._fetch_range, rec, i, a, b)
+                for i, a, b in want if not self._skip(rec, i)}
         got: dict[int, bytes] = {}
-        failures: list[str] = []
-        order = list(range(rec.m))  # data shares first: cheapest decode
-        futs = {i: self.io.submit(self._fetch_range, rec, i, lo, hi) for i in order[: rec.k]}
-        nxt = rec.k
-        while len(got) < rec.k:
-            if not futs:
-                raise DataLost(
-                    f"chunk {rec.cid[:16]}… of tenant {rec.tenant}: only {len(got)} of the "
-                    f"{rec.k} shares needed are readable ({'; '.join(failures[:3])}); "
-                    "restore the missing targets and run `lodestore repair`"
-                )
-            i, fut = next(iter(futs.items()))
-            del futs[i]
+        for i, fut in futs.items():
             try:
                 got[i] = fut.result()
             except (NotFound, CorruptFragment, TargetUnavailable) as exc:
-                failures.append(f"share {i}: {exc}")
-                if nxt < rec.m:
-                    futs[nxt] = self.io.submit(self._fetch_range, rec, nxt, lo, hi)
-                    nxt += 1
-        cols = erasure.decode_columns(got, rec.k, rec.m)
-        return b"".join(cols[i][a - lo : b - lo] for i, a, b in pieces)
+                self._note_failure(rec, i, exc)
+        return got
+
+    def _degraded(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]],
+                  have: dict[int, bytes]) -> dict[int, bytes]:
+        """Rebuild the pieces missing from ``have`` from any k shares' column ranges."""
+        missing = [(i, a, b) for i, a, b in pieces if i not in have]
+        lo = min(a for _i, a, _b in missing)
+        hi = max(b for _i, _a, b in missing)
+        cols: dict[int, bytes] = {}
+        for i, a, b in pieces:  # data shares already read that cover [lo, hi)
+            if i in have and a <= lo and b >= hi:
+                cols[i] = have[i][lo - a : hi - a]
+        failed = {i for i, _a, _b in missing}
+        candidates = [i for i in range(rec.m) if i not in cols and i not in failed]
+        # data shares first (no decode work for them), then parity; down targets last
+        candidates.sort(key=lambda i: (self._skip(rec, i), i >= rec.k, i))
+        errors: list[str] = []
+        while len(cols) < rec.k:
+            need = rec.k - len(cols)
+            batch, candidates = candidates[:need], candidates[need:]
+            if not batch:
+                raise DataLost(
+                    f"chunk {rec.cid[:16]}… of tenant {rec.tenant}: only {len(cols)} of the "
+                    f"{rec.k} shares needed are readable ({'; '.join(errors[:3])}); "
+                    "restore the missing targets and run `lodestore repair`"
+                )
+            futs = {i: self.io.submit(self._fetch_range, rec, i, lo, hi) for i in batch}
+            for i, fut in futs.items():
+                try:
+                    cols[i] = fut.result()
+                except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                    self._note_failure(rec, i, exc)
+                    errors.append(f"share {i}: {exc}")
+        decoded = erasure.decode_columns(cols, rec.k, rec.m)
+        return {i: decoded[i][a - lo : b - lo] for i, a, b in missing}
 
     def read_all(self, tenant: str, cid: str) -> bytes:
         rec = self.record(tenant, cid)

@@ -31,25 +31,24 @@ def share_len(chunk_len: int, k: int) -> int:
     return max(1, -(-chunk_len // k))
 
 
-def split(chunk: bytes | memoryview, k: int) -> list[bytes]:
-    """The k data shares of ``chunk`` (the last one zero-padded)."""
+def split(chunk: bytes | memoryview, k: int) -> list[bytes | memoryview]:
+    """The k data shares of ``chunk``: views into it, except zero-padded tails."""
     s = share_len(len(chunk), k)
     view = memoryview(chunk)
-    shares = [bytes(view[i * s : (i + 1) * s]) for i in range(k)]
-    shares[-1] = shares[-1].ljust(s, b"\0")
-    for i in range(k - 1):
-        if len(shares[i]) < s:
-            shares[i] = shares[i].ljust(s, b"\0")
+    shares: list[bytes | memoryview] = []
+    for i in range(k):
+        part = view[i * s : (i + 1) * s]
+        shares.append(part if len(part) == s else bytes(part).ljust(s, b"\0"))
     return shares
 
 
-def encode(chunk: bytes | memoryview, k: int, m: int) -> list[bytes]:
-    """All m shares of ``chunk``: k data shares then m−k parity shares."""
+def encode(chunk: bytes | memoryview, k: int, m: int) -> list[bytes | memoryview]:
+    """All m shares of ``chunk``: k data shares (views) then m−k parity shares."""
     data = split(chunk, k)
     if m == k:
         return data
     parity = _coder("e", k, m).encode(tuple(data), tuple(range(k, m)))
-    return data + [bytes(p) for p in parity]
+    return data + list(parity)
 
 
 def decode_columns(pieces: dict[int, bytes], k: int, m: int) -> list[bytes]:

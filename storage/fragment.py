@@ -24,7 +24,7 @@ import xxhash
 from .errors import CorruptFragment
 
 MAGIC = b"LSF1"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: big-endian xxh3 digests
 _HEAD = struct.Struct("<4sBBBBIQQ32s")  # 60 bytes, then xxh32 of them
 HEADER_SIZE = 64
 CSUM = 8
@@ -71,8 +71,11 @@ def fragment_size(share_len: int, block_size: int) -> int:
 
 
 def _seed(cid: bytes, index: int, block: int) -> int:
-    base = int.from_bytes(cid[:8], "little")
-    return (base ^ (index << 56) ^ block) & _MASK64
+    return _seed_base(cid, index) ^ block
+
+
+def _seed_base(cid: bytes, index: int) -> int:
+    return (int.from_bytes(cid[:8], "little") ^ (index << 56)) & _MASK64
 
 
 def encode(header: FragmentHeader, share: bytes | memoryview) -> bytearray:
@@ -82,15 +85,14 @@ def encode(header: FragmentHeader, share: bytes | memoryview) -> bytearray:
     out = bytearray(header.stored_size())
     out[:HEADER_SIZE] = header.pack()
     pos = HEADER_SIZE
-    digest = xxhash.xxh3_64_intdigest
-    cid, idx = header.cid, header.index
+    digest = xxhash.xxh3_64_digest
+    base = _seed_base(header.cid, header.index)
     for j, off in enumerate(range(0, len(view), bs)):
         block = view[off : off + bs]
-        n = len(block)
-        out[pos : pos + n] = block
-        pos += n
-        out[pos : pos + CSUM] = digest(block, _seed(cid, idx, j)).to_bytes(8, "little")
-        pos += CSUM
+        end = pos + len(block)
+        out[pos:end] = block
+        out[end : end + CSUM] = digest(block, base ^ j)
+        pos = end + CSUM
     return out
 
 
@@ -112,24 +114,26 @@ def verify_blocks(
     Raises CorruptFragment on any mismatch or truncation.
     """
     view = memoryview(raw)
-    parts: list[memoryview] = []
-    digest = xxhash.xxh3_64_intdigest
-    pos, j = 0, first_block
+    size = len(view)
+    digest = xxhash.xxh3_64_digest
+    base = _seed_base(cid, index)
     step = block_size + CSUM
-    while pos < len(view):
-        data_len = min(block_size, share_len - j * block_size)
-        if data_len <= 0:
-            raise CorruptFragment("fragment has bytes past its share length")
-        end = pos + data_len
-        if end + CSUM > len(view):
-            raise CorruptFragment("fragment is truncated")
+    nblocks = -(-size // step)
+    last = first_block + nblocks - 1
+    if last * block_size >= share_len:
+        raise CorruptFragment("fragment has bytes past its share length")
+    tail = min(block_size, share_len - last * block_size)  # data bytes in the last block
+    if size != (nblocks - 1) * step + tail + CSUM:
+        raise CorruptFragment("fragment is truncated")
+    parts = []
+    pos = 0
+    for j in range(first_block, last + 1):
+        end = pos + (block_size if j < last else tail)
         block = view[pos:end]
-        want = int.from_bytes(view[end : end + CSUM], "little")
-        if digest(block, _seed(cid, index, j)) != want:
+        if digest(block, base ^ j) != view[end : end + CSUM]:
             raise CorruptFragment(f"checksum mismatch in block {j} of share {index}")
         parts.append(block)
-        pos += step
-        j += 1
+        pos = end + CSUM
     return b"".join(parts)
 
 

@@ -29,7 +29,7 @@ def split_path(path: str) -> tuple[str, ...]:
             raise InvalidPath(f"path {path!r} contains control character {ch!r}; remove it")
     if "\\" in path:
         raise InvalidPath(f"path {path!r} contains a backslash; use '/' as the separator")
-    norm = unicodedata.normalize("NFC", path)
+    norm = path if path.isascii() else unicodedata.normalize("NFC", path)
     if len(norm.encode("utf-8")) > MAX_PATH_BYTES:
         raise InvalidPath(f"path is longer than {MAX_PATH_BYTES} bytes; shorten it")
     if not norm.startswith("/"):

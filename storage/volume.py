@@ -102,38 +102,53 @@ def decode_cursor(cursor: str) -> str:
 
 
 class _Chunker:
-    """Cuts any data source into pieces of exactly ``size`` bytes (the last one shorter)."""
+    """Cuts any data source into pieces of exactly ``size`` bytes (the last one shorter),
+    copying as little as it can: file reads of a whole chunk are passed through as is."""
 
     def __init__(self, data: DataSource, size: int) -> None:
-        self.size = size
+        self.data, self.size = data, size
+
+    def __iter__(self) -> Iterator[bytes | memoryview]:
+        data, size = self.data, self.size
         if isinstance(data, bytes | bytearray | memoryview):
             mv = memoryview(data)
-            self._it: Iterator[bytes | memoryview] = (
-                mv[i : i + size] for i in range(0, len(mv), size))
-            self._exact = True
-        elif hasattr(data, "read"):
-            stream = data
-            self._it = iter(lambda: stream.read(size), b"")  # type: ignore[union-attr]
-            self._exact = False
-        else:
-            self._it = iter(data)  # type: ignore[arg-type]
-            self._exact = False
-        self._buf = bytearray()
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._exact:
-            for piece in self._it:
-                yield bytes(piece)
+            for i in range(0, len(mv), size):
+                yield mv[i : i + size]
             return
-        for piece in self._it:
+        if hasattr(data, "read"):
+            while True:
+                piece = data.read(size)  # type: ignore[union-attr]
+                if not piece:
+                    return
+                if len(piece) < size:  # a pipe or socket: top up to a whole chunk
+                    buf = bytearray(piece)
+                    while len(buf) < size:
+                        more = data.read(size - len(buf))  # type: ignore[union-attr]
+                        if not more:
+                            break
+                        buf += more
+                    piece = bytes(buf)
+                    if len(piece) < size:
+                        yield piece
+                        return
+                yield piece
+        buf = bytearray()
+        for piece in data:  # type: ignore[union-attr]
             if not isinstance(piece, bytes | bytearray | memoryview):
                 raise InvalidArgument(f"data must be bytes, got {type(piece).__name__}")
-            self._buf += piece
-            while len(self._buf) >= self.size:
-                yield bytes(self._buf[: self.size])
-                del self._buf[: self.size]
-        if self._buf:
-            yield bytes(self._buf)
+            if not buf and len(piece) == size:
+                yield piece
+                continue
+            buf += piece
+            if len(buf) >= size:
+                view = memoryview(buf)
+                cut = len(buf) - len(buf) % size
+                for i in range(0, cut, size):
+                    yield bytes(view[i : i + size])
+                del view
+                del buf[:cut]
+        if buf:
+            yield bytes(buf)
 
 
 class Volume:
@@ -375,10 +390,10 @@ class Volume:
         buf = bytearray()
         for piece in it:
             if not isinstance(piece, bytes | bytearray | memoryview):
-                raise InvalidArgument(f"data must be bytes, got a {type(piece).__name__} piece")
+                raise InvalidArgument(f"data must be bytes, got {type(piece).__name__}")
             buf += piece
             if len(buf) > limit:
-                return None, _Chained([bytes(buf)], it)
+                return None, _Chained([bytes(buf)], it)  # type: ignore[arg-type]
         return bytes(buf), bytes(buf)
 
     def write(
@@ -634,17 +649,27 @@ class Volume:
 
 
 class _Chained:
-    """Replay already-read prefix pieces, then the rest of a stream or iterator."""
+    """A file-like object: already-read head bytes, then the rest of a stream or iterator."""
 
     def __init__(self, head: list[bytes], rest: IO[bytes] | Iterator[bytes]) -> None:
-        self.head, self.rest = head, rest
+        self.buf = bytearray(b"".join(head))
+        self.rest = rest
 
-    def __iter__(self) -> Iterator[bytes]:
-        yield from self.head
-        if hasattr(self.rest, "read"):
-            yield from iter(lambda: self.rest.read(1 << 20), b"")  # type: ignore[union-attr]
-        else:
-            yield from self.rest  # type: ignore[misc]
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) < n:
+            more = (self.rest.read(n - len(self.buf) if n > 0 else 1 << 20)  # type: ignore[union-attr]
+                    if hasattr(self.rest, "read") else next(self.rest, b""))  # type: ignore[call-overload]
+            if not more:
+                break
+            if not isinstance(more, bytes | bytearray | memoryview):
+                raise InvalidArgument(f"data must be bytes, got {type(more).__name__}")
+            self.buf += more
+        if n < 0 or n >= len(self.buf):
+            out, self.buf = bytes(self.buf), bytearray()
+            return out
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
 
 
 class FileReader:

@@ -210,23 +210,32 @@ class MetaStore:
     def children(
         self, tenant: str, ino: int, after: str | None = None, limit: int = 1000
     ) -> list[Entry]:
+        """Up to ``limit`` visible entries after ``after``, in byte order of names.
+
+        Rows hidden by an undecided move are skipped without counting towards the
+        limit, so a short page always means the end of the directory."""
         vs = self.vshard_of(tenant, ino)
         eng = self.engine(vs)
-        with eng.read() as cur:
-            if after is None:
-                cur.execute(eng.sql(
-                    f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
-                    "ORDER BY name LIMIT ?"), (tenant, ino, limit))
-            else:
-                cur.execute(eng.sql(
-                    f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? AND name > ? "
-                    "ORDER BY name LIMIT ?"), (tenant, ino, after, limit))
-            rows = cur.fetchall()
         out: list[Entry] = []
-        for row in rows:
-            e = self._settle(vs, row) if row[12] else _entry(row)
-            if e is not None:
-                out.append(e)
+        while len(out) < limit:
+            want = limit - len(out)
+            with eng.read() as cur:
+                if after is None:
+                    cur.execute(eng.sql(
+                        f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
+                        "ORDER BY name LIMIT ?"), (tenant, ino, want))
+                else:
+                    cur.execute(eng.sql(
+                        f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
+                        "AND name > ? ORDER BY name LIMIT ?"), (tenant, ino, after, want))
+                rows = cur.fetchall()
+            for row in rows:
+                e = self._settle(vs, row) if row[12] else _entry(row)
+                if e is not None:
+                    out.append(e)
+            if len(rows) < want:
+                break
+            after = rows[-1][2]
         return out
 
     def has_children(self, tenant: str, ino: int) -> bool:

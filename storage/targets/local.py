@@ -33,6 +33,14 @@ def path_from_url(url: str) -> str:
     return unquote(p.path)
 
 
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class _FdCache:
     """A small LRU of read-only descriptors; fragments are immutable once renamed in."""
 
@@ -100,7 +108,10 @@ class LocalDirTarget(Target):
                         f"target {self.id}: folder {self.root} is missing; "
                         "run `lodestore repair` to recreate it"
                     )
-                os.makedirs(folder, exist_ok=True)
+                if not os.path.isdir(folder):
+                    os.makedirs(folder, exist_ok=True)
+                    if self.durability is Durability.FSYNC:
+                        _fsync_dir(os.path.dirname(folder))  # the new folder's entry
                 self._made_dirs.add(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
@@ -111,16 +122,12 @@ class LocalDirTarget(Target):
                     rest = b"".join(views)[written:]
                     written += os.write(fd, rest)
                 if self.durability is Durability.FSYNC:
-                    os.fsync(fd)
+                    os.fdatasync(fd)  # data and size; the rename is made durable below
             finally:
                 os.close(fd)
             os.replace(tmp, path)
             if self.durability is Durability.FSYNC:
-                dfd = os.open(folder, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                _fsync_dir(folder)
         except TargetUnavailable:
             raise
         except OSError as exc:
@@ -141,7 +148,7 @@ class LocalDirTarget(Target):
             raise self._unavailable(exc, "read") from exc
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        path = self._path(key)
+        path = f"{self.root}/{key}"  # keys come from the chunk layer; put() validates them
         try:
             fd = self._fds.get(path)
             return os.pread(fd, length, start)
