@@ -59,8 +59,13 @@ def _merge_overlaps(found: list[tuple[int, int, str, str]]) -> list[tuple[int, i
     return out
 
 
-def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compiled) -> WriteDecision:
-    """Apply the tenant's per-entity actions. Raises DeniedByPolicy naming entity types."""
+def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compiled,
+           encoding: str = "utf-8") -> WriteDecision:
+    """Apply the tenant's per-entity actions. Raises DeniedByPolicy naming entity types.
+
+    ``encoding`` is how ``text`` was decoded; content is re-encoded the same way, so
+    unredacted content is stored byte for byte as it came.
+    """
     acted: list[tuple[int, int, str, str]] = []
     for f in findings:
         action = policy.action_for(f.entity_type)
@@ -71,7 +76,7 @@ def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compil
     if denied:
         raise DeniedByPolicy(path, denied)
     if not acted:
-        return WriteDecision(text.encode("utf-8"))
+        return WriteDecision(text.encode(encoding))
     acted = _merge_overlaps(acted)
     parts: list[bytes] = []
     spans: list[tuple[int, int, str]] = []
@@ -80,7 +85,7 @@ def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compil
     pos_char = 0
     pos_byte = 0
     for start, end, entity, action in acted:
-        before = text[pos_char:start].encode("utf-8")
+        before = text[pos_char:start].encode(encoding)
         parts.append(before)
         pos_byte += len(before)
         labels.add(entity)
@@ -88,12 +93,12 @@ def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compil
             piece = f"<{entity}>".encode()
             redacted[entity] = redacted.get(entity, 0) + 1
         else:
-            piece = text[start:end].encode("utf-8")
+            piece = text[start:end].encode(encoding)
             spans.append((pos_byte, pos_byte + len(piece), entity))
         parts.append(piece)
         pos_byte += len(piece)
         pos_char = end
-    parts.append(text[pos_char:].encode("utf-8"))
+    parts.append(text[pos_char:].encode(encoding))
     return WriteDecision(b"".join(parts), spans, sorted(labels), redacted)
 
 
