@@ -44,62 +44,92 @@ class WriteDecision:
         }
 
 
-def _merge_overlaps(found: list[tuple[int, int, str, str]]) -> list[tuple[int, int, str, str]]:
-    """Resolve overlapping findings: the stricter action wins, then the longer span."""
-    rank = {"deny": 3, "redact": 2, "tag": 1}
-    found.sort(key=lambda f: (f[0], -(f[1] - f[0])))
-    out: list[tuple[int, int, str, str]] = []
-    for f in found:
-        if out and f[0] < out[-1][1]:
-            prev = out[-1]
-            keep = f if rank[f[3]] > rank[prev[3]] else prev
-            out[-1] = (prev[0], max(prev[1], f[1]), keep[2], keep[3])
-        else:
-            out.append(f)
-    return out
-
-
 def decide(path: str, text: str, findings: Iterable[FindingLike], policy: Compiled,
-           encoding: str = "utf-8") -> WriteDecision:
+           encoding: str = "utf-8", source: bytes | None = None) -> WriteDecision:
     """Apply the tenant's per-entity actions. Raises DeniedByPolicy naming entity types.
 
     ``encoding`` is how ``text`` was decoded; content is re-encoded the same way, so
-    unredacted content is stored byte for byte as it came.
+    unredacted content is stored byte for byte as it came. With ``source`` (binary
+    content scanned through a one-byte-per-character view), redactions overwrite the
+    original bytes with ``*`` in place so the file keeps its length and structure.
+
+    Every finding keeps its own label: a value found as two entity types is masked for
+    a reader cleared for only one of them. Overlapping redactions merge into one marker
+    naming all their types, and a tagged span touching a redaction is redacted too.
     """
-    acted: list[tuple[int, int, str, str]] = []
+    acted: list[tuple[int, int, str, str, float]] = []
     for f in findings:
         action = policy.action_for(f.entity_type)
         if action is None or f.score < policy.thresholds.get(f.entity_type, 0.5):
             continue
-        acted.append((f.start, f.end, f.entity_type, action))
+        acted.append((f.start, f.end, f.entity_type, action, f.score))
     denied = [f[2] for f in acted if f[3] == "deny"]
     if denied:
         raise DeniedByPolicy(path, denied)
     if not acted:
-        return WriteDecision(text.encode(encoding))
-    acted = _merge_overlaps(acted)
-    parts: list[bytes] = []
-    spans: list[tuple[int, int, str]] = []
-    redacted: dict[str, int] = {}
-    labels: set[str] = set()
-    pos_char = 0
-    pos_byte = 0
-    for start, end, entity, action in acted:
-        before = text[pos_char:start].encode(encoding)
-        parts.append(before)
-        pos_byte += len(before)
-        labels.add(entity)
-        if action == "redact":
-            piece = f"<{entity}>".encode()
-            redacted[entity] = redacted.get(entity, 0) + 1
+        return WriteDecision(source if source is not None else text.encode(encoding))
+    # redaction regions: overlapping redactions merge; the marker names the type found
+    # with the highest score; a tagged span touching a region is swallowed by it
+    regions: list[list] = []  # [start, end, redacted types, best (score, type)]
+    for s, e, t, _a, sc in sorted(x for x in acted if x[3] == "redact"):
+        if regions and s < regions[-1][1]:
+            r = regions[-1]
+            r[1] = max(r[1], e)
+            r[2].add(t)
+            r[3] = max(r[3], (sc, t))
         else:
-            piece = text[start:end].encode(encoding)
-            spans.append((pos_byte, pos_byte + len(piece), entity))
-        parts.append(piece)
-        pos_byte += len(piece)
-        pos_char = end
-    parts.append(text[pos_char:].encode(encoding))
-    return WriteDecision(b"".join(parts), spans, sorted(labels), redacted)
+            regions.append([s, e, {t}, (sc, t)])
+    pending = [(s, e, t) for s, e, t, a, _sc in acted if a == "tag"]
+    changed = True
+    while changed:  # a region grown by one tag may reach the next
+        changed = False
+        keep = []
+        for s, e, t in pending:
+            hit = next((r for r in regions if s < r[1] and e > r[0]), None)
+            if hit is None:
+                keep.append((s, e, t))
+            else:
+                hit[0], hit[1] = min(hit[0], s), max(hit[1], e)
+                changed = True
+        pending = keep
+    tags = pending
+    regions.sort()
+    labels = {x[2] for x in acted}
+    redacted: dict[str, int] = {}
+    for _s, _e, types, _best in regions:
+        for t in types:
+            redacted[t] = redacted.get(t, 0) + 1
+    # build the output and a map from text positions to output byte offsets
+    out: list[bytes] = []
+    segs: list[tuple[int, int, int]] = []  # plain text [start, end) -> output byte start
+    pos, nbytes = 0, 0
+    for s, e, _types, best in regions:
+        plain = text[pos:s].encode(encoding) if source is None else source[pos:s]
+        segs.append((pos, s, nbytes))
+        out.append(plain)
+        nbytes += len(plain)
+        marker = f"<{best[1]}>".encode(encoding) if source is None else b"*" * (e - s)
+        out.append(marker)
+        nbytes += len(marker)
+        pos = e
+    segs.append((pos, len(text), nbytes))
+    out.append(text[pos:].encode(encoding) if source is None else source[pos:])
+
+    # text position -> output byte offset, one pass over the sorted boundaries
+    where: dict[int, int] = {}
+    wanted = sorted({p for s, e, _t in tags for p in (s, e)})
+    k = 0
+    for a, b, ob in segs:
+        prev, off = a, ob
+        while k < len(wanted) and wanted[k] <= b:
+            p = wanted[k]
+            if p >= a:
+                off += (p - prev) if source is not None else len(text[prev:p].encode(encoding))
+                prev = p
+                where[p] = off
+            k += 1
+    spans = sorted((where[s], where[e], t) for s, e, t in tags)
+    return WriteDecision(b"".join(out), spans, sorted(labels), redacted)
 
 
 def shift_attrs(old: dict[str, Any] | None, new: dict[str, Any], offset: int) -> dict[str, Any]:

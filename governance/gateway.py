@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import codecs
 import fnmatch
+import functools
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,9 +25,9 @@ from typing import IO, Any, TypeVar
 import anyio
 
 from storage import FileInfo, Volume, paths
-from storage.errors import InvalidArgument, NotFound, StorageError
+from storage.errors import InvalidArgument, StorageError, VersionMismatch
 
-from .audit import AuditEvent, AuditLog
+from .audit import AuditEvent, AuditLog, AuditWriteError
 from .classify import Classifier, is_binary
 from .content import WriteDecision, decide, mask, shift_attrs
 from .errors import DeniedByPolicy, Forbidden
@@ -34,6 +36,20 @@ from .principals import Principal, Principals
 from .qos import QosPolicy, Quota, RateLimited, Scheduler
 
 T = TypeVar("T")
+
+# Volumes live here, keyed by their gateway, not on the gateway: nothing a tool can reach
+# from the object it is handed leads around the door.
+_DOORS: dict[int, Volume] = {}
+
+_BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"),
+         (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
+         (b"\xfe\xff", "utf-16-be"))
+# Binary content is scanned through a view with one character per byte, in which
+# everything but printable ASCII is a space: PII embedded in binary is still found.
+_PRINTABLE = bytes(b if 32 <= b < 127 else 32 for b in range(256))
+_PRINTABLE_STR = {i: (i if 32 <= i < 127 else 32) for i in range(256)}
+APPEND_REWRITE_MAX = 8 << 20  # appends to files up to this size re-scan the whole file
+APPEND_CONTEXT = 4096  # bytes of the existing tail scanned with a larger file's append
 
 WINDOW_CHARS = 4 << 20  # streamed text is classified in windows of this many characters
 OVERLAP_CHARS = 2048  # carried into the next window so no entity is cut at a boundary
@@ -58,15 +74,34 @@ class WriteResult:
     scanned: str  # 'text', 'binary', 'skipped' (classification disabled)
 
 
+def _audit_path(path: str | None) -> str | None:
+    """A path as the audit log keeps it: bad input is recorded, escaped and bounded."""
+    if path is None:
+        return None
+    if not isinstance(path, str):
+        return f"<{type(path).__name__}>"
+    safe = path.encode("unicode_escape").decode("ascii") if not path.isprintable() else path
+    return safe[:512]
+
+
 class _Call:
     """One governed operation's audit record under construction."""
 
-    __slots__ = ("event", "t0")
+    __slots__ = ("event", "t0", "raw_path", "ticket")
 
     def __init__(self, p: Principal, op: str, path: str | None, transport: str | None) -> None:
-        self.event = AuditEvent(tenant=p.tenant, agent=p.agent, operation=op, path=path,
-                                transport=transport)
+        self.raw_path = path
+        self.event = AuditEvent(tenant=p.tenant, agent=p.agent, operation=op,
+                                path=_audit_path(path), transport=transport)
         self.t0 = time.perf_counter()
+        self.ticket: Any = None
+
+    @property
+    def path(self) -> str:
+        """The normalised path (an invalid one raises, and is audited as an error)."""
+        norm = paths.normalize(self.raw_path if self.raw_path is not None else "/")
+        self.event.path = norm
+        return norm
 
 
 class Gateway:
@@ -77,7 +112,8 @@ class Gateway:
 
     def __init__(self, vol: Volume, principals: Principals, audit: AuditLog,
                  scheduler: Scheduler | None = None, transport: str | None = None) -> None:
-        self._v: Callable[[], Volume] = (lambda v: lambda: v)(vol)
+        _DOORS[id(self)] = vol
+        self._v: Callable[[], Volume] = functools.partial(_DOORS.__getitem__, id(self))
         self.principals = principals
         self._audit = audit
         self._qos = scheduler or Scheduler()
@@ -94,6 +130,7 @@ class Gateway:
         for c in self._classifiers.values():
             c.close()
         self._audit.close()
+        _DOORS.pop(id(self), None)
 
     # -- identity -----------------------------------------------------------------------
 
@@ -124,12 +161,21 @@ class Gateway:
             ev.error = getattr(exc, "code", type(exc).__name__)
         self._audit.append(ev)  # raises AuditWriteError: then the call fails
 
+    def _audit_ready(self) -> None:
+        """Refuse before changing anything if the audit log cannot take the event."""
+        d = self._audit.directory
+        if not os.path.isdir(d) or not os.access(d, os.W_OK):
+            raise AuditWriteError(
+                f"audit log at {d} is not writable, so the operation was not performed; "
+                "restore the folder (see `lodestore audit verify`) and retry")
+
     def _run(self, p: Principal, op: str, path: str | None, body: Callable[[_Call], T],
              cost_bytes: int = 0) -> T:
         call = _Call(p, op, path, self.transport)
         try:
             priority = self.policy(p).policy.qos.priority
-            with self._qos.admit_sync(p.tenant, cost_bytes, priority):
+            with self._qos.admit_sync(p.tenant, cost_bytes, priority) as ticket:
+                call.ticket = ticket
                 result = body(call)
         except BaseException as exc:
             self._finish(call, exc)
@@ -142,7 +188,8 @@ class Gateway:
         call = _Call(p, op, path, self.transport)
         try:
             priority = self.policy(p).policy.qos.priority
-            async with self._qos.admit(p.tenant, cost_bytes, priority):
+            async with self._qos.admit(p.tenant, cost_bytes, priority) as ticket:
+                call.ticket = ticket
                 result = await anyio.to_thread.run_sync(body, call)
         except BaseException as exc:
             await anyio.to_thread.run_sync(self._finish, call, exc)
@@ -181,8 +228,21 @@ class Gateway:
         clf = self._classifier(pol)
         if clf is None:
             return WriteDecision(data), "skipped"
+        for bom, enc in _BOMS:
+            if data.startswith(bom):
+                body = data[len(bom):]
+                try:
+                    text = body.decode(enc)
+                except UnicodeDecodeError:
+                    break
+                d = decide(path, text, clf.analyze(text), pol, encoding=enc)
+                d.content = bom + d.content
+                d.spans = [(a + len(bom), b + len(bom), t) for a, b, t in d.spans]
+                return d, "text"
         if is_binary(data):
-            return WriteDecision(data), "binary"
+            view = data.translate(_PRINTABLE).decode("latin-1")
+            return decide(path, view, clf.analyze(view), pol, encoding="latin-1",
+                          source=data), "binary"
         try:
             text, enc = data.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
@@ -199,21 +259,33 @@ class Gateway:
             head += piece
             if len(head) >= SNIFF_BYTES:
                 break
-        if clf is None or is_binary(bytes(head[:SNIFF_BYTES])):
-            state["scanned"] = "skipped" if clf is None else "binary"
+        if clf is None:
+            state["scanned"] = "skipped"
             yield bytes(head)
             yield from pieces
             return
-        state["scanned"] = "text"
-        decoder = codecs.getincrementaldecoder("utf-8")("strict")
-        enc = "utf-8"
+        binary = is_binary(bytes(head[:SNIFF_BYTES])) and not any(
+            head.startswith(b) for b, _e in _BOMS)
+        state["scanned"] = "binary" if binary else "text"
+        if binary:  # one character per byte: offsets are byte offsets
+            decoder = codecs.getincrementaldecoder("latin-1")()
+            enc = "latin-1"
+        else:
+            decoder = codecs.getincrementaldecoder("utf-8")("strict")
+            enc = "utf-8"
         pending = ""
+        raw_pending = bytearray()  # binary: the original bytes behind ``pending``
         out_pos = 0
 
         def emit(text: str) -> bytes:
-            nonlocal out_pos
-            findings = clf.analyze(text)
-            d = decide(path, text, findings, pol, encoding=enc)
+            nonlocal out_pos, raw_pending
+            if binary:
+                source = bytes(raw_pending[: len(text)])
+                del raw_pending[: len(text)]
+                view = text.translate(_PRINTABLE_STR)
+                d = decide(path, view, clf.analyze(view), pol, encoding=enc, source=source)
+            else:
+                d = decide(path, text, clf.analyze(text), pol, encoding=enc)
             window = d.attrs(pol.version, "text")
             state["attrs"] = shift_attrs(state.get("attrs"), window, out_pos)
             out_pos += len(d.content)
@@ -221,11 +293,15 @@ class Gateway:
 
         def feed(raw: bytes, final: bool) -> Iterator[bytes]:
             nonlocal pending, decoder, enc
+            if binary:
+                raw_pending.extend(raw)
+            buffered = decoder.getstate()[0] if enc == "utf-8" else b""
             try:
                 pending += decoder.decode(raw, final=final)
             except UnicodeDecodeError:
-                # not UTF-8 after all: re-decode what is pending as Latin-1 (lossless)
-                rest = pending.encode(enc) + raw if enc == "utf-8" else raw
+                # not UTF-8 after all: re-decode what is pending as Latin-1 (lossless),
+                # including the bytes the decoder was holding back
+                rest = pending.encode("utf-8") + buffered + raw
                 decoder = codecs.getincrementaldecoder("latin-1")()
                 enc = "latin-1"
                 pending = decoder.decode(rest, final=final)
@@ -272,22 +348,23 @@ class Gateway:
         used_b, used_f = self._usage_of(p.tenant)
         Quota(bytes=q.bytes, files=q.files).check(p.tenant, used_b, used_f, add_bytes, add_files)
 
-    # -- file operations (sync) ---------------------------------------------------------
+    # -- file operations ----------------------------------------------------------------
 
     def read(self, p: Principal, path: str, offset: int = 0, length: int | None = None
              ) -> ReadResult:
-        return self._run(p, "read_file", _norm(path), lambda c: self._read(p, c, offset, length))
+        return self._run(p, "read_file", path, lambda c: self._read(p, c, offset, length))
 
     async def aread(self, p: Principal, path: str, offset: int = 0, length: int | None = None
                     ) -> ReadResult:
-        return await self._arun(p, "read_file", _norm(path),
-                                lambda c: self._read(p, c, offset, length))
+        return await self._arun(p, "read_file", path, lambda c: self._read(p, c, offset, length))
 
     def _read(self, p: Principal, call: _Call, offset: int, length: int | None) -> ReadResult:
-        path = call.event.path or "/"
+        path = call.path
         pol = self._can(p, path, write=False)
         reader = self._v().open_file(p.tenant, path)
         data = reader.read(offset, length)
+        if call.ticket is not None:
+            call.ticket.charge(len(data))
         attrs = reader.info.attrs or {}
         data, masked = mask(data, offset, attrs.get("spans") or [], p.role, pol)
         end = offset + len(data)
@@ -300,11 +377,15 @@ class Gateway:
     def open_stream(self, p: Principal, path: str) -> tuple[FileInfo, Iterator[bytes]]:
         """A whole-file stream for large downloads (CLI get), masked like ``read``."""
         def body(call: _Call) -> tuple[FileInfo, Iterator[bytes]]:
-            pol = self._can(p, call.event.path or "/", write=False)
-            reader = self._v().open_file(p.tenant, call.event.path or "/")
-            spans = (reader.info.attrs or {}).get("spans") or []
+            path_ = call.path
+            pol = self._can(p, path_, write=False)
+            reader = self._v().open_file(p.tenant, path_)
+            attrs = reader.info.attrs or {}
+            spans = attrs.get("spans") or []
             call.event.bytes = reader.size
-            call.event.labels = list((reader.info.attrs or {}).get("labels") or [])
+            call.event.labels = list(attrs.get("labels") or [])
+            if any(not pol.is_cleared(p.role, t) for _s, _e, t in spans):
+                call.event.decision = "masked"
 
             def gen() -> Iterator[bytes]:
                 pos = 0
@@ -312,63 +393,75 @@ class Gateway:
                     yield mask(piece, pos, spans, p.role, pol)[0]
                     pos += len(piece)
             return reader.info, gen()
-        return self._run(p, "read_file", _norm(path), body)
+        return self._run(p, "read_file", path, body)
 
     def write(self, p: Principal, path: str, data: bytes | IO[bytes] | Iterable[bytes], *,
               mode: str = "overwrite", expected_version: int | None = None,
               size_hint: int | None = None) -> WriteResult:
         cost = len(data) if isinstance(data, bytes | bytearray) else (size_hint or 0)
-        return self._run(p, "write_file", _norm(path),
+        return self._run(p, "write_file", path,
                          lambda c: self._write(p, c, data, mode, expected_version, size_hint),
                          cost_bytes=cost)
 
     async def awrite(self, p: Principal, path: str, data: bytes, *, mode: str = "overwrite",
                      expected_version: int | None = None) -> WriteResult:
-        return await self._arun(p, "write_file", _norm(path),
+        return await self._arun(p, "write_file", path,
                                 lambda c: self._write(p, c, data, mode, expected_version, None),
                                 cost_bytes=len(data))
 
     def _write(self, p: Principal, call: _Call, data: Any, mode: str,
                expected_version: int | None, size_hint: int | None) -> WriteResult:
-        path = call.event.path or "/"
+        path = call.path
         pol = self._can(p, path, write=True)
+        self._audit_ready()
         vol = self._v()
-        existed = None
-        if pol.policy.quotas.bytes is not None or pol.policy.quotas.files is not None:
-            try:
-                existed = vol.stat(p.tenant, path)
-            except (NotFound, StorageError):
-                existed = None
+        if mode not in ("overwrite", "create", "append"):
+            raise InvalidArgument("mode must be 'overwrite', 'create' or 'append'")
+        try:
+            existed: FileInfo | None = vol.stat(p.tenant, path)
+        except StorageError:
+            existed = None
         if isinstance(data, bytes | bytearray | memoryview):
             data = bytes(data)
+            if mode == "append":
+                return self._append(p, call, pol, data, expected_version, existed)
             decision, scanned = self._govern_bytes(path, data, pol)
             attrs = decision.attrs(pol.version, scanned)
-            add = len(decision.content) - (existed.size if existed and mode != "append" else 0)
-            self._check_quota(p, pol, add, 0 if existed else 1)
-            merge = (lambda old, size: shift_attrs(old, attrs, size)) if mode == "append" else None
+            self._check_quota(p, pol, len(decision.content) - (existed.size if existed else 0),
+                              0 if existed else 1)
             info = vol.write(p.tenant, path, decision.content, mode=mode,
-                             expected_version=expected_version,
-                             attrs=None if merge else attrs, merge_attrs=merge)
+                             expected_version=expected_version, attrs=attrs)
             labels, redacted = decision.labels, decision.redacted
         else:
+            if mode == "append":
+                raise InvalidArgument("appends take bytes, not a stream; read the data first")
             self._check_quota(p, pol, size_hint or 0, 0 if existed else 1)
             state: dict[str, Any] = {}
             stream = self._govern_stream(path, data, pol, state)
-            if mode == "append":
-                raise InvalidArgument("streamed appends are not supported; append bytes instead")
+            counted = _Counted(stream)
 
             def late_attrs() -> dict[str, Any]:
-                # known only once the stream is consumed; committed with the content
+                # known only once the stream is consumed; committed with the content, and
+                # the quota is checked on the real size before anything becomes visible
+                self._check_quota(p, pol, counted.n - (existed.size if existed else 0),
+                                  0 if existed else 1)
                 a = state.get("attrs") or {"labels": [], "spans": [], "redacted": {}}
                 a["scanned"] = state.get("scanned", "text")
                 a["policy_version"] = pol.version
                 state["final"] = a
                 return a
 
-            info = vol.write(p.tenant, path, stream, mode=mode,
+            info = vol.write(p.tenant, path, counted, mode=mode,
                              expected_version=expected_version, attrs=late_attrs)
+            if call.ticket is not None and info.size > (size_hint or 0):
+                call.ticket.charge(info.size - (size_hint or 0))
             scanned = state["final"]["scanned"]
             labels, redacted = state["final"]["labels"], state["final"]["redacted"]
+        return self._written(p, call, path, info, existed, labels, redacted, scanned)
+
+    def _written(self, p: Principal, call: _Call, path: str, info: FileInfo,
+                 existed: FileInfo | None, labels: list[str], redacted: dict[str, int],
+                 scanned: str) -> WriteResult:
         self._adjust_usage(p.tenant, info.size - (existed.size if existed else 0),
                            0 if existed else 1)
         call.event.bytes = info.size
@@ -377,19 +470,87 @@ class Gateway:
         self._notify(p, "write", path, info)
         return WriteResult(info, list(labels), dict(redacted), scanned)
 
+    def _append(self, p: Principal, call: _Call, pol: Compiled, data: bytes,
+                expected_version: int | None, existed: FileInfo | None) -> WriteResult:
+        """Append, classifying the new bytes together with what they join.
+
+        Small files are re-scanned whole and replaced (compare-and-swap on the version
+        read), so an entity split across two appends is still found. Larger files scan
+        the appended bytes with the existing tail before them."""
+        path = call.path
+        vol = self._v()
+        for attempt in range(20):
+            if attempt:
+                time.sleep(0.001 * attempt)
+                try:
+                    existed = vol.stat(p.tenant, path)
+                except StorageError:
+                    existed = None
+            if existed is not None and existed.is_dir:
+                vol.write(p.tenant, path, b"", mode="append")  # raises IsADirectory
+            version = existed.version if existed is not None else 0
+            if expected_version is not None and expected_version != version:
+                raise VersionMismatch(path, expected_version,
+                                      existed.version if existed else None)
+            try:
+                if existed is None or existed.size <= APPEND_REWRITE_MAX:
+                    old = vol.read(p.tenant, path) if existed is not None else b""
+                    decision, scanned = self._govern_bytes(path, old + data, pol)
+                    # earlier redactions are markers now: carry their labels and counts
+                    before = (existed.attrs or {}) if existed is not None else {}
+                    for t, n in (before.get("redacted") or {}).items():
+                        decision.redacted[t] = decision.redacted.get(t, 0) + n
+                    decision.labels = sorted(set(decision.labels)
+                                             | set(before.get("labels") or []))
+                    self._check_quota(p, pol, len(decision.content) - len(old),
+                                      0 if existed else 1)
+                    info = vol.write(p.tenant, path, decision.content,
+                                     expected_version=version,
+                                     attrs=decision.attrs(pol.version, scanned))
+                    return self._written(p, call, path, info, existed, decision.labels,
+                                         decision.redacted, scanned)
+                return self._append_large(p, call, pol, data, existed)
+            except VersionMismatch:
+                if expected_version is not None:
+                    raise
+                continue  # another writer got there first: re-read and re-scan
+        raise VersionMismatch(path, version, None)
+
+    def _append_large(self, p: Principal, call: _Call, pol: Compiled, data: bytes,
+                      existed: FileInfo) -> WriteResult:
+        path = call.path
+        vol = self._v()
+        start = max(0, existed.size - APPEND_CONTEXT)
+        tail = vol.read(p.tenant, path, start, existed.size - start)
+        decision, scanned = self._govern_bytes(path, tail + data, pol)
+        if decision.content[: len(tail)] != tail:
+            raise InvalidArgument(
+                f"appending to {path} completes a value the policy redacts across the old "
+                "end of the file; rewrite the file instead of appending")
+        new_spans = [(a - len(tail), b - len(tail), t) for a, b, t in decision.spans
+                     if b > len(tail)]
+        part = {"labels": decision.labels, "spans": new_spans, "redacted": decision.redacted,
+                "policy_version": pol.version, "scanned": scanned}
+        self._check_quota(p, pol, len(data), 0)
+        info = vol.write(p.tenant, path, decision.content[len(tail):], mode="append",
+                         expected_version=existed.version,
+                         merge_attrs=lambda old, size: shift_attrs(old, part, size))
+        return self._written(p, call, path, info, existed, decision.labels,
+                             decision.redacted, scanned)
+
     def stat(self, p: Principal, path: str) -> FileInfo:
         def body(call: _Call) -> FileInfo:
-            path_ = call.event.path or "/"
+            path_ = call.path
             pol = self.policy(p)
             if not (pol.can_read(p.role, path_) or pol.can_list(p.role, path_)):
                 self._can(p, path_, write=False)
             return self._v().stat(p.tenant, path_)
-        return self._run(p, "get_file_info", _norm(path), body)
+        return self._run(p, "get_file_info", path, body)
 
     def list_dir(self, p: Principal, path: str, cursor: str | None = None, limit: int = 1000
                  ) -> tuple[list[FileInfo], str | None]:
         def body(call: _Call) -> tuple[list[FileInfo], str | None]:
-            path_ = call.event.path or "/"
+            path_ = call.path
             pol = self.policy(p)
             if not pol.can_list(p.role, path_):
                 self._can(p, path_, write=False)
@@ -397,33 +558,37 @@ class Gateway:
             items = [i for i in items
                      if pol.can_read(p.role, i.path) or (i.is_dir and pol.can_list(p.role, i.path))]
             return items, nxt
-        return self._run(p, "list_directory", _norm(path), body)
+        return self._run(p, "list_directory", path, body)
 
     def mkdir(self, p: Principal, path: str, parents: bool = True) -> FileInfo:
         def body(call: _Call) -> FileInfo:
-            self._can(p, call.event.path or "/", write=True)
-            return self._v().mkdir(p.tenant, call.event.path or "/", parents=parents,
-                                   exist_ok=True)
-        return self._run(p, "create_directory", _norm(path), body)
+            path_ = call.path
+            self._can(p, path_, write=True)
+            self._audit_ready()
+            return self._v().mkdir(p.tenant, path_, parents=parents, exist_ok=True)
+        return self._run(p, "create_directory", path, body)
 
     def move(self, p: Principal, src: str, dst: str, overwrite: bool = False) -> FileInfo:
-        dst_n = _norm(dst)
-
         def body(call: _Call) -> FileInfo:
-            src_n = call.event.path or "/"
+            src_n = call.path
+            dst_n = paths.normalize(dst)
+            # moving takes the content: the role must be able to read it and write both
+            self._can(p, src_n, write=False)
             self._can(p, src_n, write=True)
             self._can(p, dst_n, write=True)
+            self._audit_ready()
             info = self._v().move(p.tenant, src_n, dst_n, overwrite=overwrite)
             self._notify(p, "move", src_n, None)
             self._notify(p, "write", dst_n, info)
             return info
-        return self._run(p, "move_file", _norm(src), body)
+        return self._run(p, "move_file", src, body)
 
     def delete(self, p: Principal, path: str, recursive: bool = False,
                expected_version: int | None = None) -> None:
         def body(call: _Call) -> None:
-            path_ = call.event.path or "/"
+            path_ = call.path
             self._can(p, path_, write=True)
+            self._audit_ready()
             vol = self._v()
             info = vol.stat(p.tenant, path_)
             vol.delete(p.tenant, path_, recursive=recursive, expected_version=expected_version)
@@ -433,17 +598,17 @@ class Gateway:
             else:
                 self._usage.pop(p.tenant, None)
             self._notify(p, "delete", path_, None)
-        return self._run(p, "delete_file", _norm(path), body)
+        return self._run(p, "delete_file", path, body)
 
     def find(self, p: Principal, pattern: str, root: str = "/", limit: int = 1000
              ) -> list[FileInfo]:
         """Entries under ``root`` whose name (or path, if the pattern has '/') matches a glob."""
-        if not pattern or len(pattern) > 512:
-            raise InvalidArgument("pattern must be 1-512 characters, e.g. '*.md' or 'notes/**'")
-
         def body(call: _Call) -> list[FileInfo]:
+            if not isinstance(pattern, str) or not pattern or len(pattern) > 512:
+                raise InvalidArgument(
+                    "pattern must be 1-512 characters, e.g. '*.md' or '/notes/*'")
             pol = self.policy(p)
-            root_ = call.event.path or "/"
+            root_ = call.path
             out: list[FileInfo] = []
             on_path = "/" in pattern
             for info in self._walk(p, pol, root_):
@@ -453,7 +618,7 @@ class Gateway:
                     if len(out) >= limit:
                         break
             return out
-        return self._run(p, "find_files", _norm(root), body)
+        return self._run(p, "find_files", root, body)
 
     def _walk(self, p: Principal, pol: Compiled, root: str) -> Iterator[FileInfo]:
         vol = self._v()
@@ -509,8 +674,16 @@ class Gateway:
                 logging.getLogger(__name__).exception("write hook failed for %s", what)
 
 
-def _norm(path: str) -> str:
-    return paths.normalize(path)
+class _Counted:
+    """Counts the bytes a stream yields (the stored size, after redaction)."""
+
+    def __init__(self, it: Iterator[bytes]) -> None:
+        self.it, self.n = it, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for piece in self.it:
+            self.n += len(piece)
+            yield piece
 
 
 __all__ = ["Gateway", "ReadResult", "WriteResult"]

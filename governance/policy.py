@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from storage.config import one_line
+
 from .errors import PolicyError
 
 ROLE_RE = re.compile(r"^(\*|[a-z][a-z0-9_-]{0,31})$")
@@ -147,7 +149,7 @@ def parse_policy(text: str, source: str = "policy") -> Policy:
     try:
         data = yaml.safe_load(text) if text.strip() else {}
     except yaml.YAMLError as exc:
-        raise PolicyError(f"{source} is not valid YAML: {exc}") from exc
+        raise PolicyError(f"{source} is not valid YAML: {one_line(exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -28,9 +28,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError
 
-from storage import Volume
 from storage.errors import AlreadyExists, InvalidArgument, NotFound, UnknownTenant
 from storage.meta.engines import make_engine
+from storage.volume import TenantDirectory
 
 from .errors import Unauthorized
 from .policy import DEFAULT_POLICY, Compiled, Policy, parse_policy
@@ -96,9 +96,9 @@ def hash_token(token: str) -> str:
 
 
 class Principals:
-    def __init__(self, vol: Volume) -> None:
-        self.vol = vol
-        self.engine = make_engine(vol.cfg.control, vol.cfg.durability)
+    def __init__(self, tenants: TenantDirectory) -> None:
+        self.tenants = tenants
+        self.engine = make_engine(tenants.control_url, tenants.durability)
         for attempt in range(100):
             try:
                 gov.create_all(self.engine)
@@ -117,11 +117,11 @@ class Principals:
     # -- tenants ------------------------------------------------------------------------
 
     def add_tenant(self, tenant: str) -> None:
-        if not self.vol.create_tenant(tenant):
+        if not self.tenants.create(tenant):
             raise AlreadyExists(f"tenant {tenant} already exists")
 
     def require_tenant(self, tenant: str) -> None:
-        if tenant not in self.vol.list_tenants():
+        if tenant not in self.tenants.names():
             raise UnknownTenant(tenant)
 
     # -- agents -------------------------------------------------------------------------

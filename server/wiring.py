@@ -30,7 +30,7 @@ def open_app(home: Path | str | None = None, *, transport: str = "cli", create: 
              scheduler: Scheduler | None = None) -> App:
     home = Path(home) if home is not None else default_home()
     vol = Volume.open(home, create=create)
-    principals = Principals(vol)
+    principals = Principals(vol.tenant_directory())
     audit = AuditLog(Path(vol.home) / "audit", fsync=vol.cfg.durability == "fsync")
     gateway = Gateway(vol, principals, audit, scheduler, transport=transport)
     return App(vol, principals, audit, gateway)

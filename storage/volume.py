@@ -67,6 +67,17 @@ class FileInfo:
         return self.kind == "directory"
 
 
+@dataclass(frozen=True)
+class TenantDirectory:
+    """What the control plane needs of the store: create and list tenants, and where the
+    control database is. It carries no way to read or write files."""
+
+    create: Callable[[str], bool]
+    names: Callable[[], list[str]]
+    control_url: str
+    durability: str
+
+
 def pack_refs(refs: list[tuple[bytes, int]]) -> bytes:
     return b"".join(_REF.pack(c, n) for c, n in refs)
 
@@ -213,6 +224,16 @@ class Volume:
 
     def list_tenants(self) -> list[str]:
         return [t for t, _ in self.meta.list_tenants()]
+
+    def tenant_directory(self) -> TenantDirectory:
+        """Tenant registration without data access, for the control plane."""
+        meta = self.meta
+        return TenantDirectory(
+            create=lambda t: meta.create_tenant(paths.check_tenant_id(t)),
+            names=lambda: [t for t, _ in meta.list_tenants()],
+            control_url=self.cfg.control,
+            durability=self.cfg.durability,
+        )
 
     def _tenant(self, tenant: str) -> str:
         paths.check_tenant_id(tenant)

@@ -15,7 +15,7 @@ def principals(request, tmp_path):
     if request.param == "postgres":
         cfg.control = request.getfixturevalue("pg_url")
     vol = Volume.init(tmp_path, cfg)
-    p = Principals(vol)
+    p = Principals(vol.tenant_directory())
     p.add_tenant("acme")
     yield p
     p.close()
