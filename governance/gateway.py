@@ -117,7 +117,7 @@ class Gateway:
         self.principals = principals
         self._audit = audit
         self._qos = scheduler or Scheduler()
-        self._classifiers: dict[tuple, Classifier] = {}
+        self._classifiers: dict[tuple, _Serialized] = {}
         self._lock = threading.Lock()
         self._usage: dict[str, tuple[int, int, float]] = {}
         self._qos_seen: dict[str, int] = {}
@@ -210,7 +210,7 @@ class Gateway:
 
     # -- classification -----------------------------------------------------------------
 
-    def _classifier(self, pol: Compiled) -> Classifier | None:
+    def _classifier(self, pol: Compiled) -> _Serialized | None:
         if not pol.policy.pii.enabled or not pol.thresholds:
             return None
         key = (tuple(sorted(pol.thresholds.items())), pol.policy.pii.ner_model)
@@ -219,8 +219,9 @@ class Gateway:
             with self._lock:
                 c = self._classifiers.get(key)
                 if c is None:
-                    c = Classifier(entities=sorted(pol.thresholds), thresholds=pol.thresholds,
-                                   ner_model=pol.policy.pii.ner_model)
+                    c = _Serialized(Classifier(entities=sorted(pol.thresholds),
+                                               thresholds=pol.thresholds,
+                                               ner_model=pol.policy.pii.ner_model))
                     self._classifiers[key] = c
         return c
 
@@ -672,6 +673,23 @@ class Gateway:
                 import logging
 
                 logging.getLogger(__name__).exception("write hook failed for %s", what)
+
+
+class _Serialized:
+    """A classifier shared by worker threads: it is not thread-safe, and loading one per
+    thread costs seconds, so calls take turns (the work is mostly under the GIL anyway;
+    inputs over a few MB fan out to the classifier's own process pool)."""
+
+    def __init__(self, inner: Classifier) -> None:
+        self.inner = inner
+        self.lock = threading.Lock()
+
+    def analyze(self, text: str) -> list[Any]:
+        with self.lock:
+            return self.inner.analyze(text)
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _Counted:

@@ -109,7 +109,7 @@ def _dedupe(items: Iterable[tuple[str, int, int, float]]) -> list[tuple[str, int
 
 
 class Classifier:
-    """PII classifier for text on the write path.
+    """PII classifier for text on the write path. Not thread-safe: one per thread.
 
     entities: entity types to look for (default: every pattern entity of presidio's
         English registry, plus the model's entities in NER mode).

@@ -45,8 +45,6 @@ _WS_FWD = regex.compile(_WS_CLASS)
 _NONWS_FWD = regex.compile(_NONWS_CLASS)
 _WS_REV = regex.compile(_WS_CLASS, regex.REVERSE)
 _NONWS_REV = regex.compile(_NONWS_CLASS, regex.REVERSE)
-_UNIT_FWD = regex.compile(_NONWS_CLASS + "+" + _WS_CLASS + "*")
-_UNIT_REV = regex.compile(_NONWS_CLASS + "+" + _WS_CLASS + "*", regex.REVERSE)
 _PLAIN_WORD = regex.compile(r"[A-Za-z]+ ?")
 _UNITS = re.compile(r"\S+\s*")  # re's \s is str.isspace(), as spaCy's split
 _WINDOW = 256  # one token unless a special case (tested)
@@ -394,8 +392,6 @@ class DocContext:
         return None
 
     # -- the decision -------------------------------------------------------------------
-    def _tok(self, start: int, end: int) -> list[Token]:
-        return [(start + idx, t) for idx, t in self.s.tokenize(self.text[start:end])]
 
     def _straddles(self, left: str, right: str) -> bool:
         """Could a special case join units `left` (chunk + whitespace) and `right`?"""

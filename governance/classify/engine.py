@@ -443,9 +443,6 @@ class Engine:
             self._phone_cache[chunk] = hit
         return hit
 
-    def doc_context(self, text: str) -> DocContext | None:
-        return self.context.doc(text) if self.context else None
-
 
 def _ws_before(text: str, pos: int) -> int:
     """A scan start at or before pos that follows an edge character (or 0)."""
