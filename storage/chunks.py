@@ -64,6 +64,15 @@ class _LRU:
             self.d.pop(key, None)
 
 
+class WriteBatch:
+    """Work a multi-chunk write finishes once, before it commits its entry: registry
+    updates (one transaction per engine) and deferred folder fsyncs (one per folder)."""
+
+    def __init__(self) -> None:
+        self.records: list[ChunkRecord | tuple[str, str]] = []
+        self.syncs: dict[str, set[str]] = {}
+
+
 class ChunkStore:
     def __init__(
         self, meta: MetaStore, targets: list[Target], k: int, m: int, block_size: int,
@@ -113,12 +122,21 @@ class ChunkStore:
 
     # -- writes ------------------------------------------------------------------------
 
-    def store(self, tenant: str, data: bytes) -> tuple[bytes, int]:
-        """Store one chunk (deduplicated within the tenant); returns (raw id, length)."""
+    def store(self, tenant: str, data: bytes | memoryview,
+              batch: WriteBatch | None = None) -> tuple[bytes, int]:
+        """Store one chunk (deduplicated within the tenant); returns (raw id, length).
+
+        With ``batch``, the registry update (a new record, or a touch of a known chunk)
+        and the folder fsyncs are left for the caller to finish with ``finish(batch)``
+        before it commits the entry that uses the chunks.
+        """
         cid = self.chunk_id(tenant, data)
         known = self.meta.chunk_get(tenant, cid)
         if known is not None and known.length == len(data) and all(known.placement):
-            self.meta.chunk_touch(tenant, cid)
+            if batch is not None:
+                batch.records.append((tenant, cid))
+            else:
+                self.meta.chunk_touch(tenant, cid)
             return bytes.fromhex(cid), len(data)
         shares = erasure.encode(data, self.k, self.m)
         slen = len(shares[0])
@@ -131,15 +149,27 @@ class ChunkStore:
             for i in range(self.m)
         ]
         del shares
-        placement = self._place(tenant, cid, frags)
+        placement = self._place(tenant, cid, frags, batch)
         now = time.time()
         rec = ChunkRecord(tenant, cid, len(data), self.k, self.m, slen, self.block_size,
                           tuple(placement), now, now)
-        self.meta.chunk_put(rec)
+        if batch is not None:
+            batch.records.append(rec)
+        else:
+            self.meta.chunk_put(rec)
         self._records.put((tenant, cid), rec)
         return bytes.fromhex(cid), len(data)
 
-    def _place(self, tenant: str, cid: str, frags: list[bytearray]) -> list[str]:
+    def finish(self, batch: WriteBatch) -> None:
+        """Make a batch's fragments durable, then register its chunks."""
+        futs = [self.io.submit(self.targets[tid].sync, folders)
+                for tid, folders in batch.syncs.items() if folders]
+        for f in futs:
+            f.result()
+        self.meta.chunk_put_many(batch.records)
+
+    def _place(self, tenant: str, cid: str, frags: list[bytearray],
+               batch: WriteBatch | None = None) -> list[str]:
         ranked = [t for t in self.rank(cid) if not self.is_down(t)]
         ranked += [t for t in self.rank(cid) if t not in ranked]  # down ones as last resort
         placement = [""] * self.m
@@ -148,7 +178,8 @@ class ChunkStore:
 
         def put(i: int, tid: str) -> tuple[int, str, Exception | None]:
             try:
-                self.targets[tid].put(fragment_key(tenant, cid, i), [frags[i]])
+                pending = batch.syncs.setdefault(tid, set()) if batch is not None else None
+                self.targets[tid].put(fragment_key(tenant, cid, i), [frags[i]], pending)
                 return i, tid, None
             except StorageError as exc:
                 return i, tid, exc

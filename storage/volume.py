@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from . import paths
-from .chunks import ChunkStore
+from .chunks import ChunkStore, WriteBatch
 from .config import StoreConfig, default_home
 from .errors import (
     AlreadyExists,
@@ -380,15 +380,21 @@ class Volume:
         """Store all chunks of ``data`` with bounded parallelism; nothing is committed."""
         refs: list[tuple[bytes, int]] = []
         inflight: list[Future] = []
+        batch = WriteBatch()  # registry updates and folder fsyncs, finished together below
         size = 0
         limit = self.cfg.write_concurrency
-        for piece in _Chunker(data, self.cfg.chunk_size):
-            size += len(piece)
-            inflight.append(self.pool.submit(self.chunks.store, tenant, piece))
-            if len(inflight) >= limit:
-                refs.append(inflight.pop(0).result())
-        for fut in inflight:
-            refs.append(fut.result())
+        try:
+            for piece in _Chunker(data, self.cfg.chunk_size):
+                size += len(piece)
+                inflight.append(self.pool.submit(self.chunks.store, tenant, piece, batch))
+                if len(inflight) >= limit:
+                    refs.append(inflight.pop(0).result())
+            for fut in inflight:
+                refs.append(fut.result())
+        finally:
+            for fut in inflight:  # a failure mid-stream: let started chunks finish
+                fut.cancel()
+        self.chunks.finish(batch)
         return refs, size
 
     def _head(self, data: DataSource) -> tuple[bytes | None, DataSource]:

@@ -527,6 +527,30 @@ class MetaStore:
                     "UPDATE chunks SET placement = ?, touched = ? WHERE tenant = ? AND cid = ?"),
                     (placement, rec.touched, rec.tenant, rec.cid))
 
+    def chunk_put_many(self, items: list[ChunkRecord | tuple[str, str]]) -> None:
+        """Register new chunks and touch known ones: one transaction per engine."""
+        by_engine: dict[int, list[ChunkRecord | tuple[str, str]]] = {}
+        for it in items:
+            tenant, cid = (it.tenant, it.cid) if isinstance(it, ChunkRecord) else it
+            by_engine.setdefault(self.shard_map[self.vshard_of(tenant, cid)], []).append(it)
+        now = time.time()
+        for idx, group in by_engine.items():
+            eng = self.engines[idx]
+            upsert = eng.sql(
+                f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (tenant, cid) DO UPDATE SET placement = excluded.placement, "
+                "touched = excluded.touched")
+            touch = eng.sql("UPDATE chunks SET touched = ? WHERE tenant = ? AND cid = ?")
+            with eng.write() as cur:
+                for it in group:
+                    if isinstance(it, ChunkRecord):
+                        cur.execute(upsert, (
+                            it.tenant, it.cid, it.length, it.k, it.m, it.share_len,
+                            it.block_size, ",".join(it.placement), it.created, it.touched,
+                            self.vshard_of(it.tenant, it.cid)))
+                    else:
+                        cur.execute(touch, (now, it[0], it[1]))
+
     def chunk_touch(self, tenant: str, cid: str) -> bool:
         eng = self.engine(self.vshard_of(tenant, cid))
         with eng.write() as cur:

@@ -49,12 +49,19 @@ class Target(ABC):
     url: str
 
     @abstractmethod
-    def put(self, key: str, parts: Sequence[Buffer]) -> None:
+    def put(self, key: str, parts: Sequence[Buffer], pending_sync: set[str] | None = None
+            ) -> None:
         """Store the concatenation of ``parts`` under ``key``, atomically.
 
         Readers see either no object or the whole object. Re-putting an existing key with
-        the same bytes is allowed (fragments are content-addressed).
+        the same bytes is allowed (fragments are content-addressed). With
+        ``pending_sync``, a target may leave the last step of durability (a folder
+        fsync) undone and note what is left in the set; the caller runs ``sync`` on it
+        once for many puts, before it relies on them.
         """
+
+    def sync(self, pending: set[str]) -> None:  # noqa: B027 - optional hook
+        """Finish the durability work ``put`` deferred into ``pending``."""
 
     @abstractmethod
     def get(self, key: str) -> bytes:

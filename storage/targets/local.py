@@ -97,7 +97,8 @@ class LocalDirTarget(Target):
     def _unavailable(self, exc: OSError, what: str) -> TargetUnavailable:
         return TargetUnavailable(f"target {self.id} ({self.root}): {what} failed: {exc.strerror or exc}")
 
-    def put(self, key: str, parts: Sequence[Buffer]) -> None:
+    def put(self, key: str, parts: Sequence[Buffer], pending_sync: set[str] | None = None
+            ) -> None:
         path = self._path(key)
         folder = os.path.dirname(path)
         tmp = os.path.join(folder, f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{os.path.basename(path)}")
@@ -127,7 +128,10 @@ class LocalDirTarget(Target):
                 os.close(fd)
             os.replace(tmp, path)
             if self.durability is Durability.FSYNC:
-                _fsync_dir(folder)
+                if pending_sync is not None:
+                    pending_sync.add(folder)  # one folder fsync for many renames
+                else:
+                    _fsync_dir(folder)
         except TargetUnavailable:
             raise
         except OSError as exc:
@@ -136,6 +140,13 @@ class LocalDirTarget(Target):
                 os.unlink(tmp)
             raise self._unavailable(exc, "write") from exc
         self._fds.drop(path)
+
+    def sync(self, pending: set[str]) -> None:
+        try:
+            for folder in sorted(pending):
+                _fsync_dir(folder)
+        except OSError as exc:
+            raise self._unavailable(exc, "sync") from exc
 
     def get(self, key: str) -> bytes:
         path = self._path(key)

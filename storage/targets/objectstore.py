@@ -181,7 +181,8 @@ class ObjectStoreTarget(Target):
 
     # -- Target ----------------------------------------------------------------------------
 
-    def put(self, key: str, parts: Sequence[Buffer]) -> None:
+    def put(self, key: str, parts: Sequence[Buffer], pending_sync: set[str] | None = None
+            ) -> None:
         self._check_key(key)
         data: Buffer = parts[0] if len(parts) == 1 else b"".join(parts)
         try:
