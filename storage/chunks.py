@@ -208,12 +208,15 @@ class ChunkStore:
     # -- reads -------------------------------------------------------------------------
 
     def _fetch_range(self, rec: ChunkRecord, i: int, start: int, end: int) -> bytes:
+        return b"".join(self._fetch_parts(rec, i, start, end))
+
+    def _fetch_parts(self, rec: ChunkRecord, i: int, start: int, end: int) -> list[memoryview]:
         tid = rec.placement[i] if i < len(rec.placement) else ""
         target = self.targets.get(tid)
         if target is None:
             raise NotFound(f"share {i} has no live copy")
         key = fragment_key(rec.tenant, rec.cid, i)
-        return fragment.read_range(
+        return fragment.read_range_parts(
             lambda off, n: target.get_range(key, off, n),
             bytes.fromhex(rec.cid), i, rec.block_size, rec.share_len, start, end,
         )
@@ -239,15 +242,17 @@ class ChunkStore:
                 return self._fetch_range(rec, i, a, b)
             except (NotFound, CorruptFragment, TargetUnavailable) as exc:
                 self._note_failure(rec, i, exc)
-                got: dict[int, bytes] = {}
+                got: dict[int, list[memoryview]] = {}
         else:
             got = self._gather(rec, [(i, a, b) for i, a, b in pieces])
-        if len(got) < len(pieces):
-            fresh = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
-            if fresh.placement != rec.placement:
-                return self.read(tenant, cid, start, end)
-            got.update(self._degraded(rec, pieces, got))
-        return b"".join(got[i] for i, _a, _b in pieces)
+        if len(got) == len(pieces):
+            return b"".join([p for i, _a, _b in pieces for p in got[i]])
+        fresh = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
+        if fresh.placement != rec.placement:
+            return self.read(tenant, cid, start, end)
+        have = {i: b"".join(parts) for i, parts in got.items()}
+        have.update(self._degraded(rec, pieces, have))
+        return b"".join(have[i] for i, _a, _b in pieces)
 
     def _skip(self, rec: ChunkRecord, i: int) -> bool:
         tid = rec.placement[i] if i < len(rec.placement) else ""
@@ -257,11 +262,12 @@ class ChunkStore:
         if isinstance(exc, TargetUnavailable) and i < len(rec.placement):
             self.mark_down(rec.placement[i])
 
-    def _gather(self, rec: ChunkRecord, want: list[tuple[int, int, int]]) -> dict[int, bytes]:
+    def _gather(self, rec: ChunkRecord, want: list[tuple[int, int, int]]
+                ) -> dict[int, list[memoryview]]:
         """Fetch share ranges in parallel; returns those that were read intact."""
-        futs = {i: self.io.submit(self._fetch_range, rec, i, a, b)
+        futs = {i: self.io.submit(self._fetch_parts, rec, i, a, b)
                 for i, a, b in want if not self._skip(rec, i)}
-        got: dict[int, bytes] = {}
+        got: dict[int, list[memoryview]] = {}
         for i, fut in futs.items():
             try:
                 got[i] = fut.result()

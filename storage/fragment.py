@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import xxhash
 
@@ -107,8 +108,8 @@ def block_span(share_start: int, share_end: int, block_size: int) -> tuple[int, 
 
 def verify_blocks(
     raw: bytes | memoryview, first_block: int, cid: bytes, index: int, block_size: int,
-    share_len: int,
-) -> bytes:
+    share_len: int, as_parts: bool = False,
+) -> Any:
     """Check the stored blocks in ``raw`` (starting at block ``first_block``), return data.
 
     Raises CorruptFragment on any mismatch or truncation.
@@ -134,24 +135,38 @@ def verify_blocks(
             raise CorruptFragment(f"checksum mismatch in block {j} of share {index}")
         parts.append(block)
         pos = end + CSUM
-    return b"".join(parts)
+    return parts if as_parts else b"".join(parts)
 
 
 def read_range(
     fetch, header_cid: bytes, index: int, block_size: int, share_len: int, start: int, end: int
 ) -> bytes:
     """Read share bytes [start, end) through ``fetch(offset, length)`` and verify them."""
+    return b"".join(read_range_parts(fetch, header_cid, index, block_size, share_len,
+                                     start, end))
+
+
+def read_range_parts(
+    fetch, header_cid: bytes, index: int, block_size: int, share_len: int, start: int, end: int
+) -> list[memoryview]:
+    """Like ``read_range`` but as views into the fetched buffer, so a caller assembling
+    many shares copies the data once."""
     end = min(end, share_len)
     if start >= end:
-        return b""
+        return []
     first, off, length = block_span(start, end, block_size)
     raw = fetch(off, length)
-    data = verify_blocks(raw, first, header_cid, index, block_size, share_len)
+    parts = verify_blocks(raw, first, header_cid, index, block_size, share_len, as_parts=True)
     lo = start - first * block_size
     need = end - start
-    if len(data) < lo + need:
+    if sum(len(p) for p in parts) < lo + need:
         raise CorruptFragment("fragment is truncated")
-    return data[lo : lo + need]
+    if lo:
+        parts[0] = parts[0][lo:]
+    extra = sum(len(p) for p in parts) - need
+    if extra:
+        parts[-1] = parts[-1][: len(parts[-1]) - extra]
+    return parts
 
 
 def decode_whole(raw: bytes | memoryview, cid: bytes, index: int) -> tuple[FragmentHeader, bytes]:
