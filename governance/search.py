@@ -1,0 +1,611 @@
+"""Full-text search over tenants' files: BM25 ranking on SQLite FTS5, governed end to end.
+
+One index database lives under the store home (``<home>/search/index.db``). Every row
+carries its tenant and every query is filtered by it. The index is fed by the gateway's
+write hooks and reads content only through the gateway:
+
+* **What is indexed**: the file's text with *every* tagged entity span masked (``*`` per
+  byte, whatever any role's clearance), so PII values never enter the index; redacted
+  values are already gone from the content. Binary files are skipped. A PII value is
+  therefore never searchable, by anyone: a search cannot reveal that a file holds it.
+* **When**: the write hook only records the new version as ``pending`` (cheap, no read:
+  it runs inside the writer's admitted call, and a nested read could wait on the writer's
+  own QoS slot). The file tools call :meth:`SearchIndex.flush` right after their write
+  returns, which indexes text up to ``sync_bytes`` (1 MiB) at once, so a search that
+  follows a ``write_file`` finds it. Larger files, and writes through other doors (the
+  CLI), are indexed by a background worker thread. ``state()`` tells which
+  (``indexed`` / ``pending`` / ``skipped``), for ``get_file_info``.
+* **Who reads**: the indexer reads through the gateway as the principal
+  ``search-indexer`` of the tenant, with the writer's role if that role may read the path
+  and otherwise a role the tenant's policy lets read it. Its reads are audited and
+  QoS-admitted like any other (at the tenant's priority class).
+* **Deletes and moves** update the index in the hook (rows are dropped or renamed).
+
+What a caller gets back is decided by the search tool, not here: it drops hits on paths
+the caller's role may not read and builds every snippet from the caller's own gateway
+read (masked for that role). PostgreSQL full-text search for stores whose metadata runs on
+PostgreSQL is not implemented: the index is SQLite FTS5 under the home in every setup.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import heapq
+import json
+import logging
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from storage import FileInfo
+from storage.errors import NotFound, StorageError
+
+from .classify import is_binary
+from .content import MASK
+from .errors import Forbidden
+from .principals import Principal
+from .qos import RateLimited
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+    from .policy import Compiled
+
+log = logging.getLogger(__name__)
+
+MiB = 1 << 20
+SYNC_BYTES = 1 * MiB  # text up to this size is indexed in the call that wrote it
+MAX_INDEX_BYTES = 32 * MiB  # only the first this-many bytes of a file are indexed
+READ_PIECE = 1 * MiB  # the indexer reads large files in pieces of this size
+OTHER_DOOR_DELAY_S = 2.0  # small files not flushed by a tool are picked up after this
+MAX_ATTEMPTS = 5
+POLL_S = 5.0  # the worker looks for pending rows other processes left this often
+INDEXER_AGENT = "search-indexer"
+MAX_TERMS = 32
+
+_INDEXES: dict[int, SearchIndex] = {}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+    id INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    path TEXT NOT NULL,
+    version INTEGER NOT NULL,          -- the newest version the hooks reported
+    size INTEGER NOT NULL,
+    mtime REAL NOT NULL,
+    labels TEXT NOT NULL DEFAULT '[]', -- entity types of the newest version (JSON list)
+    state TEXT NOT NULL,               -- pending | indexed | skipped
+    detail TEXT,
+    role TEXT,                         -- the writer's role (the indexer prefers it)
+    indexed_version INTEGER,           -- the version whose text is in fts
+    indexed_at REAL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (tenant, path)
+);
+CREATE INDEX IF NOT EXISTS docs_state ON docs (state, tenant);
+CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
+    body, tenant UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
+);
+"""
+
+
+@dataclass(frozen=True)
+class IndexState:
+    state: str  # 'indexed' | 'pending' | 'skipped' | 'not_indexed'
+    detail: str | None = None
+    indexed_version: int | None = None
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: int
+    path: str
+    version: int
+    indexed_version: int | None
+    size: int
+    mtime: float
+    labels: list[str]
+    score: float  # higher is better (negated BM25)
+
+
+@dataclass(frozen=True)
+class Match:
+    """A user query as an FTS5 expression plus the words to highlight."""
+
+    expr: str
+    terms: list[tuple[str, bool]]  # (word, is_prefix)
+
+
+_QUERY_TOKEN = re.compile(r'"([^"]*)"?|(\S+)')
+_WORD = re.compile(r"\w+")
+
+
+def build_match(query: str, mode: str = "all") -> Match:
+    """Turn free text into a safe FTS5 query: words (AND, or OR with ``mode='any'``),
+    ``"quoted phrases"`` and ``prefix*`` words. Operators and syntax of FTS5 itself are
+    not passed through, so no query can fail to parse or reach other columns."""
+    parts: list[str] = []
+    terms: list[tuple[str, bool]] = []
+    for m in _QUERY_TOKEN.finditer(query or ""):
+        if m.group(1) is not None:
+            words = _WORD.findall(m.group(1))
+            prefix = False
+        else:
+            raw = m.group(2)
+            words = _WORD.findall(raw)
+            prefix = raw.endswith("*")
+        if not words:
+            continue
+        words = words[:MAX_TERMS]
+        phrase = '"' + " ".join(words) + '"'
+        parts.append(phrase + ("*" if prefix else ""))
+        terms.extend((w, prefix and i == len(words) - 1) for i, w in enumerate(words))
+        if len(terms) >= MAX_TERMS:
+            break
+    if not parts:
+        raise ValueError("the query has no words to search for")
+    joiner = " OR " if mode == "any" else " AND "
+    return Match(joiner.join(parts), terms[:MAX_TERMS])
+
+
+def mask_all(data: bytes, offset: int, spans: list[Any]) -> bytes:
+    """``data`` (read at ``offset``) with every tagged span masked, whatever the role."""
+    if not spans:
+        return data
+    end = offset + len(data)
+    out: bytearray | None = None
+    for s, e, _label in spans:
+        if e <= offset or s >= end:
+            continue
+        if out is None:
+            out = bytearray(data)
+        a, b = max(s, offset) - offset, min(e, end) - offset
+        out[a:b] = bytes([MASK]) * (b - a)
+    return bytes(out) if out is not None else data
+
+
+def reader_role(pol: Compiled, path: str, prefer: str | None) -> str | None:
+    """A role that may read ``path``: ``prefer`` if it can, else one the governing rule
+    names; None if no role may read it."""
+    if prefer and pol.can_read(prefer, path):
+        return prefer
+    for prefix, read, _write in pol.rules:  # longest prefix first, as the policy decides
+        if prefix == "/" or path == prefix or path.startswith(prefix + "/"):
+            if "*" in read:
+                return prefer or "agent"
+            return sorted(read)[0] if read else None
+    return None
+
+
+def index_for(gateway: Gateway) -> SearchIndex | None:
+    """The search index attached to ``gateway`` (None when search is not enabled)."""
+    return _INDEXES.get(id(gateway))
+
+
+class SearchIndex:
+    """The FTS5 index of one store, fed by one gateway's hooks. Thread-safe."""
+
+    def __init__(self, gateway: Gateway, db_path: str | Path, *, sync_bytes: int = SYNC_BYTES,
+                 max_index_bytes: int = MAX_INDEX_BYTES,
+                 other_door_delay_s: float = OTHER_DOOR_DELAY_S,
+                 poll_s: float = POLL_S, start_worker: bool = True) -> None:
+        self.gateway = gateway
+        self.path = Path(db_path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.sync_bytes = sync_bytes
+        self.max_index_bytes = max_index_bytes
+        self.other_door_delay_s = other_door_delay_s
+        self.poll_s = poll_s
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
+                                   isolation_level=None, timeout=10.0)
+        self._dbl = threading.RLock()
+        with self._dbl:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+        self._stripes = [threading.Lock() for _ in range(64)]
+        self._local = threading.local()
+        self._queue: list[tuple[float, int, str, str]] = []
+        self._seq = 0
+        self._cv = threading.Condition()
+        self._closed = False
+        self._busy = 0
+        self._worker: threading.Thread | None = None
+        if start_worker:
+            self.start()
+
+    def start(self) -> None:
+        """Start the background worker (queues what earlier runs left pending)."""
+        if self._worker is not None:
+            return
+        for tenant, path in self._all_pending():
+            self._enqueue(tenant, path, time.monotonic())
+        self._worker = threading.Thread(target=self._run, name="lodestore-search-indexer",
+                                        daemon=True)
+        self._worker.start()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @classmethod
+    def attach(cls, gateway: Gateway, home: str | Path, **kw: Any) -> SearchIndex:
+        """Open ``<home>/search/index.db``, subscribe to the gateway's hooks, and make the
+        index findable with :func:`index_for`. Close it with :meth:`close`."""
+        idx = cls(gateway, Path(home) / "search" / "index.db", **kw)
+        gateway.hooks.append(idx.on_change)
+        _INDEXES[id(gateway)] = idx
+        return idx
+
+    def close(self) -> None:
+        """Unsubscribe, stop the worker (what is pending stays pending in the database and
+        is picked up by the next index over this home), close the database. Call it before
+        closing the gateway."""
+        with contextlib.suppress(ValueError):
+            self.gateway.hooks.remove(self.on_change)
+        if _INDEXES.get(id(self.gateway)) is self:
+            _INDEXES.pop(id(self.gateway), None)
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout=30)
+        with self._dbl:
+            self._db.close()
+
+    # -- the write hook -----------------------------------------------------------------
+
+    def on_change(self, p: Principal, what: str, path: str, info: FileInfo | None) -> None:
+        """Gateway hook: ('write', path, info) / ('delete', path, None) / a move, which
+        the gateway reports as ('move', src, None) then ('write', dst, info)."""
+        moving = getattr(self._local, "moving", None)
+        self._local.moving = None
+        if what == "move":
+            self._local.moving = (p.tenant, path)
+            return
+        if what == "delete":
+            self._forget(p.tenant, path)
+            return
+        if what != "write" or info is None:
+            return
+        if moving is not None and moving[0] == p.tenant:
+            self._rename(p.tenant, moving[1], path, info, p.role)
+            return
+        if info.is_dir:
+            return
+        self._record(p.tenant, info, p.role)
+
+    def _record(self, tenant: str, info: FileInfo, role: str | None) -> None:
+        """A new version exists: remember it as pending (or skipped) and queue it."""
+        attrs = info.attrs or {}
+        labels = json.dumps(sorted(attrs.get("labels") or []))
+        binary = attrs.get("scanned") == "binary"
+        state = "skipped" if binary else "pending"
+        detail = "binary content is not indexed" if binary else None
+        with self._dbl:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT id, indexed_version FROM docs "
+                                       "WHERE tenant=? AND path=?", (tenant, info.path)).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO docs (tenant, path, version, size, mtime, labels, state, "
+                        "detail, role) VALUES (?,?,?,?,?,?,?,?,?)",
+                        (tenant, info.path, info.version, info.size, info.mtime, labels, state,
+                         detail, role))
+                else:
+                    if row[1] == info.version and not binary:
+                        state = "indexed"  # a no-op notification of what is indexed
+                    self._db.execute(
+                        "UPDATE docs SET version=?, size=?, mtime=?, labels=?, state=?, detail=?, "
+                        "role=?, attempts=0 WHERE id=?",
+                        (info.version, info.size, info.mtime, labels, state, detail, role, row[0]))
+                    if binary:
+                        self._db.execute("DELETE FROM fts WHERE rowid=?", (row[0],))
+                        self._db.execute("UPDATE docs SET indexed_version=NULL WHERE id=?",
+                                         (row[0],))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if state == "pending":
+            delay = 0.0 if info.size > self.sync_bytes else self.other_door_delay_s
+            self._enqueue(tenant, info.path, time.monotonic() + delay)
+
+    def _subtree(self, column: str = "path") -> str:
+        return f"({column} = :p OR substr({column}, 1, :n) = :pd)"
+
+    def _forget(self, tenant: str, path: str) -> None:
+        args = {"t": tenant, "p": path, "pd": path.rstrip("/") + "/", "n": len(path) + 1}
+        where = "tenant = :t AND " + self._subtree()
+        with self._dbl:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(f"DELETE FROM fts WHERE rowid IN (SELECT id FROM docs WHERE "
+                                 f"{where})", args)
+                self._db.execute(f"DELETE FROM docs WHERE {where}", args)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def _rename(self, tenant: str, src: str, dst: str, info: FileInfo, role: str) -> None:
+        """Entries under ``src`` now live under ``dst`` (content unchanged)."""
+        self._forget(tenant, dst)  # whatever the move replaced
+        args = {"t": tenant, "p": src, "pd": src + "/", "n": len(src) + 1, "dst": dst,
+                "cut": len(src) + 1}
+        with self._dbl:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute(
+                    "UPDATE docs SET path = :dst || substr(path, :cut) WHERE tenant = :t AND "
+                    + self._subtree(), args)
+                moved = cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        if not info.is_dir and (moved == 0 or self._row(tenant, dst) is None):
+            self._record(tenant, info, role)  # never indexed before: index it now
+        elif not info.is_dir:
+            row = self._row(tenant, dst)
+            if row is not None and row["version"] != info.version:
+                self._record(tenant, info, role)
+            elif row is not None and row["state"] == "pending":
+                self._enqueue(tenant, dst, time.monotonic())
+
+    # -- the queue and the worker -------------------------------------------------------
+
+    def _enqueue(self, tenant: str, path: str, due: float) -> None:
+        with self._cv:
+            self._seq += 1
+            heapq.heappush(self._queue, (due, self._seq, tenant, path))
+            self._cv.notify()
+
+    def _all_pending(self) -> list[tuple[str, str]]:
+        with self._dbl:
+            return [(r[0], r[1]) for r in self._db.execute(
+                "SELECT tenant, path FROM docs WHERE state='pending'")]
+
+    def _run(self) -> None:
+        next_poll = time.monotonic() + self.poll_s
+        while True:
+            poll = False
+            with self._cv:
+                while not self._closed:
+                    now = time.monotonic()
+                    if self._queue and self._queue[0][0] <= now:
+                        break
+                    if now >= next_poll:
+                        poll = True
+                        break
+                    wait = next_poll - now
+                    if self._queue:
+                        wait = min(wait, self._queue[0][0] - now)
+                    self._cv.wait(wait)
+                if self._closed:
+                    return
+                if not poll:
+                    _due, _seq, tenant, path = heapq.heappop(self._queue)
+                    self._busy += 1
+            if poll:  # pending rows left by other processes (the CLI) or earlier runs
+                next_poll = time.monotonic() + self.poll_s
+                try:
+                    pending = self._all_pending()
+                except sqlite3.Error:
+                    log.exception("polling the search index failed")
+                    continue
+                with self._cv:
+                    queued = {(t, p) for _d, _s, t, p in self._queue}
+                for tenant, path in pending:
+                    if (tenant, path) not in queued:
+                        self._enqueue(tenant, path, time.monotonic())
+                continue
+            try:
+                self._index(tenant, path, None)
+            except Exception:  # noqa: BLE001 - the worker must survive anything
+                log.exception("indexing %s failed", path)
+            finally:
+                with self._cv:
+                    self._busy -= 1
+                    self._cv.notify_all()
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until the queue is empty and nothing is being indexed (tests, shutdown);
+        False if that did not happen within ``timeout`` (or the worker is not running)."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while True:
+                now = time.monotonic()
+                if not self._queue and not self._busy:
+                    return True
+                if now >= deadline:
+                    return False
+                self._cv.wait(min(0.05, deadline - now))
+
+    # -- indexing -----------------------------------------------------------------------
+
+    def flush(self, tenant: str, path: str) -> IndexState:
+        """Index ``path`` now if it is pending and small enough (called by the file tools
+        after a write, outside the write's QoS admission)."""
+        try:
+            self._index(tenant, path, self.sync_bytes)
+        except Exception:  # noqa: BLE001 - indexing never fails the write that caused it
+            log.exception("indexing %s failed", path)
+        return self.state(tenant, path)
+
+    def ensure(self, tenant: str, info: FileInfo, role: str | None) -> IndexState:
+        """Queue ``info`` if the index does not know this version (e.g. it was written
+        through a door without the hook); returns the state."""
+        if info.is_dir:
+            return IndexState("not_indexed", "directories are not indexed")
+        row = self._row(tenant, info.path)
+        if row is None or (row["version"] != info.version and row["state"] != "pending"):
+            self._record(tenant, info, role)
+        return self.state(tenant, info.path)
+
+    def _row(self, tenant: str, path: str) -> dict[str, Any] | None:
+        with self._dbl:
+            cur = self._db.execute("SELECT * FROM docs WHERE tenant=? AND path=?", (tenant, path))
+            r = cur.fetchone()
+            return None if r is None else dict(zip([d[0] for d in cur.description], r,
+                                                   strict=True))
+
+    def _set(self, doc_id: int, **values: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in values)
+        with self._dbl:
+            self._db.execute(f"UPDATE docs SET {cols} WHERE id=?", (*values.values(), doc_id))
+
+    def _index(self, tenant: str, path: str, max_size: int | None) -> None:
+        lock = self._stripes[hash((tenant, path)) % len(self._stripes)]
+        with lock:
+            row = self._row(tenant, path)
+            if row is None or row["state"] != "pending":
+                return
+            if max_size is not None and row["size"] > max_size:
+                return  # the worker takes it
+            try:
+                self._index_row(tenant, path, row)
+            except NotFound:
+                self._forget(tenant, path)
+            except Forbidden as exc:
+                self._set(row["id"], state="skipped", detail=f"the indexer may not read it: {exc}")
+            except RateLimited as exc:
+                self._enqueue(tenant, path, time.monotonic() + exc.retry_after_ms / 1000.0)
+            except StorageError as exc:
+                attempts = row["attempts"] + 1
+                if attempts >= MAX_ATTEMPTS:
+                    self._set(row["id"], state="skipped", attempts=attempts,
+                              detail=f"indexing failed {attempts} times ({exc.code})")
+                else:
+                    self._set(row["id"], attempts=attempts, detail=f"retrying ({exc.code})")
+                    self._enqueue(tenant, path, time.monotonic() + 0.5 * 2 ** attempts)
+
+    def _index_row(self, tenant: str, path: str, row: dict[str, Any]) -> None:
+        gw = self.gateway
+        pol = gw.policy(Principal(tenant, INDEXER_AGENT, row["role"] or "agent"))
+        role = reader_role(pol, path, row["role"])
+        if role is None:
+            self._set(row["id"], state="skipped",
+                      detail="no role in the tenant's policy may read this path")
+            return
+        who = Principal(tenant, INDEXER_AGENT, role)
+        first = gw.read(who, path, 0, min(READ_PIECE, self.max_index_bytes))
+        info = first.info
+        attrs = info.attrs or {}
+        spans = list(attrs.get("spans") or [])
+        scanned = attrs.get("scanned")
+        if scanned == "binary" or (scanned != "text" and is_binary(first.data[: 64 << 10])):
+            self._set(row["id"], state="skipped", detail="binary content is not indexed",
+                      version=info.version)
+            with self._dbl:
+                self._db.execute("DELETE FROM fts WHERE rowid=?", (row["id"],))
+            return
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = [decoder.decode(mask_all(first.data, 0, spans))]
+        pos, nxt = len(first.data), first.next_offset
+        while nxt is not None and pos < self.max_index_bytes:
+            piece = gw.read(who, path, pos, min(READ_PIECE, self.max_index_bytes - pos))
+            if piece.info.version != info.version:  # replaced while we read: start over later
+                self._enqueue(tenant, path, time.monotonic())
+                return
+            text.append(decoder.decode(mask_all(piece.data, pos, spans)))
+            pos, nxt = pos + len(piece.data), piece.next_offset
+        text.append(decoder.decode(b"", final=True))
+        body = "".join(text)
+        detail = (f"only the first {self.max_index_bytes // MiB} MiB are indexed"
+                  if nxt is not None else None)
+        with self._dbl:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.execute("SELECT version FROM docs WHERE id=?", (row["id"],))
+                now_row = cur.fetchone()
+                if now_row is None:  # deleted meanwhile
+                    self._db.execute("COMMIT")
+                    return
+                self._db.execute("DELETE FROM fts WHERE rowid=?", (row["id"],))
+                self._db.execute("INSERT INTO fts (rowid, body, tenant) VALUES (?,?,?)",
+                                 (row["id"], body, tenant))
+                newest = now_row[0]
+                state = "indexed" if newest == info.version else "pending"
+                self._db.execute(
+                    "UPDATE docs SET state=?, detail=?, indexed_version=?, indexed_at=?, "
+                    "attempts=0 WHERE id=?",
+                    (state, detail, info.version, time.time(), row["id"]))
+                if newest == info.version:
+                    self._db.execute("UPDATE docs SET labels=?, size=?, mtime=? WHERE id=?",
+                                     (json.dumps(sorted(attrs.get("labels") or [])), info.size,
+                                      info.mtime, row["id"]))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    # -- reading the index --------------------------------------------------------------
+
+    def state(self, tenant: str, path: str) -> IndexState:
+        row = self._row(tenant, path)
+        if row is None:
+            return IndexState("not_indexed", "the index has no record of this file yet")
+        return IndexState(row["state"], row["detail"], row["indexed_version"])
+
+    def stats(self, tenant: str) -> dict[str, int]:
+        with self._dbl:
+            rows = self._db.execute("SELECT state, count(*) FROM docs WHERE tenant=? "
+                                    "GROUP BY state", (tenant,)).fetchall()
+        out = {"indexed": 0, "pending": 0, "skipped": 0}
+        out.update({r[0]: r[1] for r in rows})
+        return out
+
+    def query(self, tenant: str, match: Match, *, prefix: str = "/",
+              labels: list[str] | None = None, after: float | None = None,
+              before: float | None = None, limit: int = 50, offset: int = 0) -> list[Hit]:
+        """Hits of ``match`` within ``tenant``, best first (BM25). Filters: path prefix,
+        any of ``labels``, modified time in [after, before)."""
+        sql = ["SELECT d.id, d.path, d.version, d.indexed_version, d.size, d.mtime, d.labels, "
+               "bm25(fts) AS score FROM fts JOIN docs d ON d.id = fts.rowid "
+               "WHERE fts MATCH :q AND fts.tenant = :t AND d.tenant = :t"]
+        args: dict[str, Any] = {"q": match.expr, "t": tenant, "lim": limit, "off": offset}
+        if prefix and prefix != "/":
+            sql.append("AND " + self._subtree("d.path"))
+            args.update(p=prefix, pd=prefix + "/", n=len(prefix) + 1)
+        if after is not None:
+            sql.append("AND d.mtime >= :after")
+            args["after"] = after
+        if before is not None:
+            sql.append("AND d.mtime < :before")
+            args["before"] = before
+        if labels:
+            names = [f":l{i}" for i in range(len(labels))]
+            sql.append("AND EXISTS (SELECT 1 FROM json_each(d.labels) j WHERE j.value IN ("
+                       + ", ".join(names) + "))")
+            args.update({f"l{i}": v for i, v in enumerate(labels)})
+        sql.append("ORDER BY score LIMIT :lim OFFSET :off")
+        with self._dbl:
+            rows = self._db.execute(" ".join(sql), args).fetchall()
+        return [Hit(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "[]"),
+                    -float(r[7])) for r in rows]
+
+    def locate(self, doc_id: int, terms: list[tuple[str, bool]]) -> int | None:
+        """The byte offset of the first of ``terms`` found in the indexed text (a hint
+        for where to read a snippet; the index text is masked, so offsets match the file
+        as long as the indexed version is current)."""
+        with self._dbl:
+            for word, _prefix in terms:
+                r = self._db.execute(
+                    "SELECT instr(lower(body), :w) AS i, "
+                    "length(CAST(substr(body, 1, max(instr(lower(body), :w) - 1, 0)) AS BLOB)) "
+                    "FROM fts WHERE rowid = :id", {"w": word.lower(), "id": doc_id}).fetchone()
+                if r is not None and r[0]:
+                    return int(r[1])
+        return None
+
+    def drop(self, tenant: str, path: str) -> None:
+        """Forget a path the gateway says no longer exists."""
+        self._forget(tenant, path)
+
+
+__all__ = ["SearchIndex", "IndexState", "Hit", "Match", "build_match", "index_for",
+           "mask_all", "reader_role", "SYNC_BYTES", "MAX_INDEX_BYTES", "INDEXER_AGENT"]
