@@ -411,10 +411,14 @@ def gc(ctx: click.Context, grace: float | None, as_json: bool) -> None:
         out.print("gc: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in rep.items()))
 
 
-from . import cli_gov  # noqa: E402,F401  (registers agent, policy and audit commands)
+# registers agent, policy, audit, serve and claude-config
+from . import cli_gov, cli_serve  # noqa: E402,F401
 from .bench import bench  # noqa: E402
 
 main.add_command(bench)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # `python -m server.cli`: run the imported module's group, which has every command
+    from server.cli import main as registered
+
+    registered()

@@ -1,0 +1,410 @@
+"""The MCP server: every ``ToolSpec`` in ``tools.registry.TOOLS`` as an MCP tool, files as
+resources under ``lodestore://files/{path}``.
+
+Schemas come from the SDK: each tool's input schema is derived from the tool function's
+signature without its first ``ctx`` parameter (``Annotated``/``Field`` descriptions kept),
+its output schema from the return annotation. Calls do not go through the SDK's
+``Context`` injection: a ``tools/call`` handler of our own builds a ``ToolContext`` with the
+principal of the verified token (never from arguments), validates the arguments with the
+SDK's argument model, runs the tool and maps every failure to an ``isError`` result with
+an actionable message. Nothing of a failure's stack reaches the agent; the server log gets
+the exception type and stack frames, never argument values or file content.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import mimetypes
+import os
+import pkgutil
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote
+
+import anyio
+import pydantic_core
+from mcp.server.context import ServerRequestContext
+from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver.tools import Tool
+from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    INTERNAL_ERROR,
+    INVALID_PARAMS,
+    BlobResourceContents,
+    CallToolRequestParams,
+    CallToolResult,
+    ListResourcesResult,
+    ListResourceTemplatesResult,
+    PaginatedRequestParams,
+    ReadResourceRequestParams,
+    ReadResourceResult,
+    Resource,
+    ResourceTemplate,
+    TextContent,
+    TextResourceContents,
+    ToolAnnotations,
+)
+from pydantic import BaseModel, ValidationError
+
+from governance.errors import Unauthorized
+from governance.principals import Principal
+from storage.errors import StorageError
+from tools.registry import ToolContext, ToolError, ToolSpec
+
+from .metrics import Metrics
+from .wiring import App
+
+log = logging.getLogger("lodestore.mcp")
+
+DEFAULT_MAX_REPLY_BYTES = 1 << 20
+DEFAULT_MAX_WRITE_BYTES = 16 << 20
+FILES_URI = "lodestore://files/"
+FILES_TEMPLATE = FILES_URI + "{path}"
+RESOURCE_LIST_MAX = 200
+
+Identity = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
+
+
+def load_tools() -> list[ToolSpec]:
+    """Import the ``tools`` package and every module in it, then return the registry."""
+    import tools
+    from tools import registry
+
+    for mod in pkgutil.iter_modules(tools.__path__):
+        if mod.name != "registry" and not mod.name.startswith("_"):
+            importlib.import_module(f"tools.{mod.name}")
+    seen: dict[str, ToolSpec] = {}
+    for spec in registry.TOOLS:
+        seen.setdefault(spec.name, spec)
+    return list(seen.values())
+
+
+def _otel_configured() -> bool:
+    """Tracing is wanted when an OpenTelemetry exporter or SDK is configured."""
+    return any(k.startswith(("OTEL_EXPORTER_", "OTEL_TRACES_")) for k in os.environ) or \
+        os.environ.get("OTEL_SDK_DISABLED", "").lower() == "false"
+
+
+def resource_uri(path: str) -> str:
+    """The resource URI of a tenant-relative path (``/notes/a.md`` → ``lodestore://files/notes/a.md``)."""
+    return FILES_URI + quote(path.lstrip("/"), safe="/")
+
+
+def _schema_stub(spec: ToolSpec) -> Callable[..., Any]:
+    """A function with the tool's signature minus ``ctx``: what the SDK derives schemas from."""
+    sig = inspect.signature(spec.fn, eval_str=True)
+    params = list(sig.parameters.values())
+    if not params:
+        raise TypeError(f"tool {spec.name}: the function must take a ToolContext first")
+    rest = params[1:]
+
+    async def stub(**kwargs: Any) -> Any:  # never called: calls go through _call_tool
+        raise RuntimeError("schema stub called")
+
+    stub.__signature__ = sig.replace(parameters=rest)  # type: ignore[attr-defined]
+    stub.__name__ = spec.name
+    stub.__qualname__ = spec.name
+    stub.__doc__ = spec.description
+    stub.__annotations__ = {p.name: p.annotation for p in rest
+                            if p.annotation is not inspect.Parameter.empty}
+    if sig.return_annotation is not inspect.Signature.empty:
+        stub.__annotations__["return"] = sig.return_annotation
+    return stub
+
+
+@dataclass
+class _Entry:
+    spec: ToolSpec
+    tool: Tool
+
+
+def _error(code: str, message: str) -> CallToolResult:
+    return CallToolResult(content=[TextContent(type="text", text=f"{code}: {message}")],
+                          is_error=True)
+
+
+def _outcome(exc: BaseException) -> str:
+    code = getattr(exc, "code", "")
+    if code in ("forbidden", "denied_by_policy"):
+        return "denied"
+    if code == "rate_limited":
+        return "rate_limited"
+    if code == "unauthorized":
+        return "unauthorized"
+    return "error"
+
+
+def _log_crash(what: str, name: str, exc: BaseException) -> str:
+    """Log an unexpected failure without its message (it may hold caller data)."""
+    ref = uuid.uuid4().hex[:12]
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("%s %s failed unexpectedly (ref %s): %s\n%s", what, name, ref,
+              type(exc).__name__, frames)
+    return ref
+
+
+class LodestoreMCP:
+    """One MCP server over one store. ``identity`` turns a request into its principal."""
+
+    def __init__(self, app: App, identity: Identity, *, specs: Iterable[ToolSpec] | None = None,
+                 max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+                 max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES, metrics: Metrics | None = None,
+                 name: str = "lodestore", instructions: str | None = None) -> None:
+        self.app = app
+        self.gateway = app.gateway
+        self.identity = identity
+        self.max_reply_bytes = max_reply_bytes
+        self.metrics = metrics or Metrics()
+        self.max_write_bytes = max_write_bytes
+        self.limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes}
+        specs = load_tools() if specs is None else list(specs)
+        self.entries: dict[str, _Entry] = {}
+        tools: list[Tool] = []
+        for spec in specs:
+            if spec.name in self.entries:
+                raise ValueError(f"tool {spec.name} is registered twice")
+            tool = Tool.from_function(
+                _schema_stub(spec), name=spec.name, title=spec.title,
+                description=spec.description,
+                annotations=ToolAnnotations(
+                    title=spec.title, read_only_hint=spec.read_only,
+                    destructive_hint=spec.destructive if not spec.read_only else False,
+                    idempotent_hint=spec.idempotent, open_world_hint=False))
+            self.entries[spec.name] = _Entry(spec, tool)
+            tools.append(tool)
+        try:
+            from importlib.metadata import version
+            ver = version("lodestore")
+        except Exception:  # noqa: BLE001 - running from a source tree
+            ver = "0"
+        self.server: MCPServer = MCPServer(
+            name=name, title="Lodestore", version=ver, tools=tools,
+            instructions=instructions or (
+                "Governed storage: files and search for this agent's tenant. Paths are "
+                "tenant-relative (/notes/a.md). Files are also resources under "
+                f"{FILES_TEMPLATE}. Reads may come masked where the tenant's policy hides "
+                "labelled values from this agent's role."),
+            log_level="WARNING")
+        low = self.server._lowlevel_server  # the SDK's own Client reaches it the same way
+        if not _otel_configured():
+            # a span per message costs tens of microseconds even with no tracer installed
+            low.middleware[:] = [m for m in low.middleware
+                                 if type(m).__name__ != "OpenTelemetryMiddleware"]
+        self.metrics.known_tools = set(self.entries) | {"unknown", "resources/read"}
+        low.add_request_handler("tools/call", CallToolRequestParams, self._call_tool)
+        low.add_request_handler("resources/list", PaginatedRequestParams, self._list_resources)
+        low.add_request_handler("resources/templates/list", PaginatedRequestParams,
+                                self._list_templates)
+        low.add_request_handler("resources/read", ReadResourceRequestParams,
+                                self._read_resource)
+
+    @property
+    def lowlevel(self) -> Any:
+        return self.server._lowlevel_server
+
+    # -- tools ---------------------------------------------------------------------------
+
+    async def _call_tool(self, ctx: ServerRequestContext[Any, Any],
+                         params: CallToolRequestParams) -> CallToolResult:
+        name = params.name
+        entry = self.entries.get(name)
+        t0 = time.perf_counter()
+        if entry is None:
+            self.metrics.call("unknown", "invalid", 0.0)
+            return _error("unknown_tool", f"no tool named {name!r}; call tools/list to see "
+                          f"the tools: {', '.join(sorted(self.entries))}")
+        outcome = "ok"
+        try:
+            result = await self._run(ctx, entry, params.arguments or {})
+            if result.is_error:
+                outcome = "invalid"
+            return result
+        except (ToolError, StorageError) as exc:
+            outcome = _outcome(exc)
+            code = getattr(exc, "code", "error")
+            msg = exc.message if isinstance(exc, ToolError) else str(exc)
+            log.info("tool %s: %s", name, code)
+            return _error(code, msg)
+        except Exception as exc:  # noqa: BLE001 - never a stack trace to the agent
+            outcome = "internal"
+            ref = _log_crash("tool", name, exc)
+            return _error("internal_error", f"{name} failed unexpectedly. Check with a read "
+                          f"whether it took effect, retry later, or report reference {ref} to "
+                          "the operator (the server log has the details).")
+        finally:
+            self.metrics.call(name, outcome, time.perf_counter() - t0)
+
+    async def _run(self, ctx: ServerRequestContext[Any, Any], entry: _Entry,
+                   arguments: dict[str, Any]) -> CallToolResult:
+        principal = await self.identity(ctx)
+        meta = entry.tool.fn_metadata
+        try:
+            args = meta.validate_arguments(arguments)
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors()[:8]:
+                where = ".".join(str(p) for p in err["loc"]) or "(arguments)"
+                problems.append(f"{where}: {err['msg']}")
+            return _error("invalid_arguments", f"{entry.spec.name}: " + "; ".join(problems) +
+                          "; see the tool's input schema")
+        session = ctx.session
+
+        async def progress(done: float, total: float | None = None,
+                           message: str | None = None) -> None:
+            await session.report_progress(done, total, message)
+
+        tctx = ToolContext(self.gateway, principal, progress, dict(self.limits))
+        result = await entry.spec.fn(tctx, **args)
+        return self._shape(entry, result)
+
+    def _shape(self, entry: _Entry, result: Any) -> CallToolResult:
+        if isinstance(result, CallToolResult):
+            return result
+        meta = entry.tool.fn_metadata
+        if meta.output_schema is None:
+            if isinstance(result, BaseModel):
+                text = result.model_dump_json(by_alias=True)
+            elif isinstance(result, str):
+                text = result
+            else:
+                text = json.dumps(result, ensure_ascii=False, default=str)
+            return CallToolResult(content=[TextContent(type="text", text=text)])
+        if isinstance(result, BaseModel):
+            structured = result.model_dump(mode="json", by_alias=True)
+        else:
+            adapter = meta._output_adapter(meta.output_model)
+            structured = adapter.dump_python(
+                adapter.validate_python(result, by_alias=True, by_name=True),
+                mode="json", by_alias=True)
+        if meta.wrap_output:
+            structured = {"result": structured}
+        text = pydantic_core.to_json(structured).decode()  # compact, UTF-8; 2-3x json.dumps
+        if len(text) > 4 * self.max_reply_bytes + 65536:
+            return _error("reply_too_large",
+                          f"{entry.spec.name} produced a {len(text)}-byte reply, over this "
+                          f"server's limit ({self.max_reply_bytes} bytes); ask for less "
+                          "(a smaller length or limit, or page with offset)")
+        return CallToolResult(content=[TextContent(type="text", text=text)],
+                              structured_content=structured)
+
+    # -- resources -----------------------------------------------------------------------
+
+    async def _list_templates(self, ctx: ServerRequestContext[Any, Any],
+                              params: PaginatedRequestParams | None
+                              ) -> ListResourceTemplatesResult:
+        return ListResourceTemplatesResult(resource_templates=[ResourceTemplate(
+            uri_template=FILES_TEMPLATE, name="file", title="Lodestore file",
+            description="A file of this agent's tenant, by tenant-relative path "
+                        "(lodestore://files/notes/a.md is /notes/a.md), read through the "
+                        "governed gateway and masked per the caller's clearance.")])
+
+    async def _list_resources(self, ctx: ServerRequestContext[Any, Any],
+                              params: PaginatedRequestParams | None) -> ListResourcesResult:
+        """The files at the top of the caller's tenant (a first page, for browsing)."""
+        principal = await self._resource_principal(ctx)
+        try:
+            items, _ = await anyio.to_thread.run_sync(
+                lambda: self.gateway.list_dir(principal, "/", None, RESOURCE_LIST_MAX))
+        except StorageError as exc:
+            raise MCPError(code=INVALID_PARAMS, message=str(exc)) from None
+        return ListResourcesResult(resources=[
+            Resource(uri=resource_uri(i.path), name=i.name, size=i.size,
+                     mime_type=mimetypes.guess_type(i.name)[0])
+            for i in items if not i.is_dir])
+
+    async def _resource_principal(self, ctx: ServerRequestContext[Any, Any]) -> Principal:
+        try:
+            return await self.identity(ctx)
+        except Unauthorized as exc:
+            raise MCPError(code=INVALID_PARAMS, message=f"unauthorized: {exc}") from None
+
+    async def _read_resource(self, ctx: ServerRequestContext[Any, Any],
+                             params: ReadResourceRequestParams) -> ReadResourceResult:
+        uri = str(params.uri)
+        t0 = time.perf_counter()
+        outcome = "ok"
+        try:
+            if not uri.startswith(FILES_URI):
+                outcome = "invalid"
+                raise MCPError(code=INVALID_PARAMS, message=(
+                    f"unknown resource {uri!r}: Lodestore files are {FILES_TEMPLATE}"),
+                    data={"uri": uri})
+            path = "/" + unquote(uri[len(FILES_URI):].split("?", 1)[0].split("#", 1)[0])
+            principal = await self._resource_principal(ctx)
+            try:
+                res = await self.gateway.aread(principal, path, 0, self.max_reply_bytes)
+            except StorageError as exc:
+                outcome = _outcome(exc)
+                raise MCPError(code=INVALID_PARAMS, message=str(exc), data={"uri": uri}) from None
+            if res.next_offset is not None:
+                outcome = "invalid"
+                raise MCPError(code=INVALID_PARAMS, data={"uri": uri}, message=(
+                    f"{path} is {res.info.size} bytes, more than a resource read returns "
+                    f"({self.max_reply_bytes}); read it in pages with the read_file tool "
+                    "(offset and length)"))
+            mime = mimetypes.guess_type(path)[0]
+            meta = {"version": res.info.version}
+            if res.masked:
+                meta["masked"] = list(res.masked)
+            try:
+                text = res.data.decode("utf-8")
+            except UnicodeDecodeError:
+                import base64
+                return ReadResourceResult(contents=[BlobResourceContents(
+                    uri=uri, blob=base64.b64encode(res.data).decode(),
+                    mime_type=mime or "application/octet-stream", _meta=meta)])
+            return ReadResourceResult(contents=[TextResourceContents(
+                uri=uri, text=text, mime_type=mime or "text/plain", _meta=meta)])
+        except MCPError:
+            if outcome == "ok":
+                outcome = "error"
+            raise
+        except Exception as exc:  # noqa: BLE001
+            outcome = "internal"
+            ref = _log_crash("resource read", "", exc)
+            raise MCPError(code=INTERNAL_ERROR,
+                           message=f"reading the resource failed unexpectedly (ref {ref})"
+                           ) from None
+        finally:
+            self.metrics.call("resources/read", outcome, time.perf_counter() - t0)
+
+
+# -- identities ---------------------------------------------------------------------------
+
+
+def token_identity(app: App, token: str) -> Identity:
+    """stdio: every call runs as the agent of one token, re-checked (cached for 2 s) so a
+    revocation takes effect during a session too."""
+    gateway = app.gateway
+
+    async def identity(ctx: ServerRequestContext[Any, Any]) -> Principal:
+        return gateway.authenticate(token)
+    return identity
+
+
+def http_identity() -> Identity:
+    """HTTP: the principal the bearer middleware verified for the request carrying this
+    message; never anything from the message itself."""
+    from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+
+    async def identity(ctx: ServerRequestContext[Any, Any]) -> Principal:
+        request = ctx.request
+        user = request.scope.get("user") if request is not None else None
+        if isinstance(user, AuthenticatedUser):
+            p = (user.access_token.claims or {}).get("principal")
+            if isinstance(p, Principal):
+                return p
+        raise Unauthorized("this request carries no verified token; send "
+                           "Authorization: Bearer <agent token>")
+    return identity
+
+
+__all__ = ["LodestoreMCP", "load_tools", "resource_uri", "token_identity", "http_identity",
+           "DEFAULT_MAX_REPLY_BYTES", "FILES_TEMPLATE"]
