@@ -54,9 +54,9 @@ class StoreConfig:
     targets: list[TargetSpec] = field(default_factory=list)
     dir_cache_ttl: float = 1.0
     gc_grace_seconds: float = 3600.0
-    io_threads: int = 16
+    io_threads: int = 24
     write_concurrency: int = 4
-    readahead: int = 4
+    readahead: int = 8
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:
