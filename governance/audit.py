@@ -94,6 +94,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.errors import StorageError
+from storage.fsutil import fsync_dir, write_all
 
 __all__ = [
     "FIELDS",
@@ -279,21 +280,6 @@ def _datasync(fd: int) -> None:
     (getattr(os, "fdatasync", None) or os.fsync)(fd)  # macOS has no fdatasync
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        if n <= 0:  # pragma: no cover - os.write raises instead
-            raise OSError(errno.EIO, "short write")
-        view = view[n:]
 
 
 def _scan_tail(fd: int, size: int) -> tuple[int, bytes | None]:
@@ -686,7 +672,7 @@ class AuditLog:
         data = "".join(lines).encode("ascii")
         start = self._size
         try:
-            _write_all(self._fd, data)
+            write_all(self._fd, data)
             if self._fsync:
                 _datasync(self._fd)
         except OSError as exc:
@@ -743,7 +729,7 @@ class AuditLog:
                 path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
             )
             if self._fsync:
-                _fsync_dir(self._dir)
+                fsync_dir(self._dir)
         except OSError as exc:
             raise AuditWriteError(
                 f"cannot create the audit segment {path} ({exc.strerror or exc}); "
@@ -924,7 +910,7 @@ class AuditLog:
                 self._write_head(sync=True)
                 if self._fsync:
                     with contextlib.suppress(OSError):
-                        _fsync_dir(self._dir)
+                        fsync_dir(self._dir)
                 return None
             return "anchor_missing", f"log-{self._seq}"
         hseq, hhash = head
@@ -1029,9 +1015,9 @@ class AuditLog:
                     if st.st_size != size or st.st_nlink == 0 or ppath.exists():
                         raise RuntimeError("the segment changed while it was converted")
                     os.rename(tmp, ppath)
-                    _fsync_dir(self._dir)
+                    fsync_dir(self._dir)
                     os.unlink(jpath)
-                    _fsync_dir(self._dir)
+                    fsync_dir(self._dir)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp)
@@ -1059,7 +1045,7 @@ class AuditLog:
                 aside = ppath.with_name(f"{ppath.name}.conflict-{int(time.time())}")
                 os.rename(ppath, aside)
                 log.error("audit conversion conflict: %s moved aside to %s", ppath, aside)
-            _fsync_dir(self._dir)
+            fsync_dir(self._dir)
 
     # ------------------------------------------------------------------ reading
 

@@ -47,6 +47,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from storage.fsutil import fsync_dir, write_all
+
 MiB = 1024 * 1024
 KiB = 1024
 TENANT = "bench"
@@ -280,18 +282,6 @@ def default_bench_dir(home: str | None = None) -> str:
     return tempfile.gettempdir()
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _timed_threads(n_threads: int, work: Callable[[int], None]) -> float:
@@ -369,13 +359,13 @@ def raw_write(path: str, size: int, piece: int, fsync: bool, seed: int,
             buf = src.read(piece)
             if not buf:
                 break
-            _write_all(fd, buf)
+            write_all(fd, buf)
             if fsync:
                 os.fsync(fd)
     finally:
         os.close(fd)
     if fsync:
-        _fsync_dir(os.path.dirname(path))
+        fsync_dir(os.path.dirname(path))
     return time.perf_counter() - t0
 
 
@@ -679,7 +669,7 @@ def _run(s: Settings, err: Console, progress: bool, work: str, drop: bool) -> Re
                 fd = os.open(os.path.join(small_dir, nm), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                              0o644)
                 try:
-                    _write_all(fd, payloads[nm])
+                    write_all(fd, payloads[nm])
                     if fsync:
                         os.fsync(fd)
                 finally:

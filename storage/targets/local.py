@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from urllib.parse import unquote, urlparse
 
 from ..errors import ConfigError, NotFound, TargetUnavailable
+from ..fsutil import fsync_dir
 from .base import Buffer, Durability, ObjectInfo, Target, TargetHealth
 
 MARKER = ".lodestore-target"
@@ -32,13 +33,6 @@ def path_from_url(url: str) -> str:
         raise ConfigError(f"file URL {url!r} names a host; use file:///absolute/path")
     return unquote(p.path)
 
-
-def _fsync_dir(folder: str) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _FdCache:
@@ -112,7 +106,7 @@ class LocalDirTarget(Target):
                 if not os.path.isdir(folder):
                     os.makedirs(folder, exist_ok=True)
                     if self.durability is Durability.FSYNC:
-                        _fsync_dir(os.path.dirname(folder))  # the new folder's entry
+                        fsync_dir(os.path.dirname(folder))  # the new folder's entry
                 self._made_dirs.add(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
@@ -131,7 +125,7 @@ class LocalDirTarget(Target):
                 if pending_sync is not None:
                     pending_sync.add(folder)  # one folder fsync for many renames
                 else:
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
         except TargetUnavailable:
             raise
         except OSError as exc:
@@ -144,7 +138,7 @@ class LocalDirTarget(Target):
     def sync(self, pending: set[str]) -> None:
         try:
             for folder in sorted(pending):
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except OSError as exc:
             raise self._unavailable(exc, "sync") from exc
 
