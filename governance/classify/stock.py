@@ -15,6 +15,7 @@ import re
 
 os.environ.setdefault("TLDEXTRACT_PUBLIC_SUFFIX_LIST_URLS", "")
 
+import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import spacy  # noqa: E402
@@ -31,6 +32,10 @@ from presidio_analyzer.recognizer_registry import (  # noqa: E402
 )
 from spacy.language import Language  # noqa: E402
 from spacy.tokens import Doc  # noqa: E402
+
+# presidio warns once per non-English recognizer it skips when a registry loads; on a
+# stdio server's stderr that is a screenful of noise for every new policy.
+logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
 
 LANGUAGE = "en"
 IBAN_FLAGS = re.DOTALL | re.MULTILINE  # IbanRecognizer's own default
