@@ -109,8 +109,11 @@ def _looks_binary(text: str) -> bool:
     if "\x00" in text:
         return True
     sample = text[:65536]
-    n = sum(1 for ch in sample if ord(ch) in _CONTROL)
+    n = len(sample) - len(sample.translate(_DROP_CONTROL))  # counted in C, not per char
     return n * 20 > len(sample)  # over 5 %
+
+
+_DROP_CONTROL = dict.fromkeys(_CONTROL)
 
 
 def _skip_continuation(data: bytes, offset: int) -> int:
