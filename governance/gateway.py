@@ -87,7 +87,7 @@ def _audit_path(path: str | None) -> str | None:
 class _Call:
     """One governed operation's audit record under construction."""
 
-    __slots__ = ("event", "t0", "raw_path", "ticket")
+    __slots__ = ("event", "t0", "raw_path", "ticket", "audited")
 
     def __init__(self, p: Principal, op: str, path: str | None, transport: str | None) -> None:
         self.raw_path = path
@@ -95,6 +95,7 @@ class _Call:
                                 path=_audit_path(path), transport=transport)
         self.t0 = time.perf_counter()
         self.ticket: Any = None
+        self.audited = False
 
     @property
     def path(self) -> str:
@@ -190,11 +191,22 @@ class Gateway:
             priority = self.policy(p).policy.qos.priority
             async with self._qos.admit(p.tenant, cost_bytes, priority) as ticket:
                 call.ticket = ticket
-                result = await anyio.to_thread.run_sync(body, call)
+                # one hop to a worker thread for the body and its audit event together
+                return await anyio.to_thread.run_sync(self._body_then_audit, call, body)
         except BaseException as exc:
-            await anyio.to_thread.run_sync(self._finish, call, exc)
+            if not call.audited:  # refused before the body ran (QoS, policy lookup)
+                await anyio.to_thread.run_sync(self._finish, call, exc)
             raise
-        await anyio.to_thread.run_sync(self._finish, call, None)
+
+    def _body_then_audit(self, call: _Call, body: Callable[[_Call], T]) -> T:
+        try:
+            result = body(call)
+        except BaseException as exc:
+            call.audited = True
+            self._finish(call, exc)
+            raise
+        call.audited = True
+        self._finish(call, None)
         return result
 
     # -- authorization ------------------------------------------------------------------
