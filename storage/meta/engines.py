@@ -156,14 +156,13 @@ class SqlEngine:
     @contextmanager
     def write(self) -> Iterator[Any]:
         """A cursor inside one transaction, committed on success, rolled back on error."""
-        with self._checkout() as conn:
-            cur = conn.cursor()
+        if self.sqlite:  # the hot path: no pool, no nested context managers
+            cur = self._sqlite_conn().cursor()
             try:
-                cur.execute("BEGIN IMMEDIATE" if self.sqlite else "BEGIN")
+                cur.execute("BEGIN IMMEDIATE")
             except self.OperationalError as exc:
                 cur.close()
-                if self.sqlite:
-                    self._reset()
+                self._reset()
                 raise _unavailable(self.url, exc) from exc
             try:
                 yield cur
@@ -172,11 +171,41 @@ class SqlEngine:
                 try:
                     cur.execute("ROLLBACK")
                 except Exception:  # noqa: BLE001 - connection gone: drop it
-                    if self.sqlite:
-                        self._reset()
+                    self._reset()
                 raise
             finally:
                 cur.close()
+            return
+        with self._checkout() as conn:
+            cur = conn.cursor()
+            try:
+                cur.execute("BEGIN")
+            except self.OperationalError as exc:
+                cur.close()
+                raise _unavailable(self.url, exc) from exc
+            try:
+                yield cur
+                cur.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    cur.execute("ROLLBACK")
+                raise
+            finally:
+                cur.close()
+
+    def query_one(self, sql: str, params: tuple) -> Any:
+        """One row of a read-only statement: the stat hot path, without context managers
+        on SQLite (``sql`` is already in this driver's placeholder style)."""
+        if self.sqlite:
+            conn = self._sqlite_conn()
+            try:
+                return conn.execute(sql, params).fetchone()
+            except self.OperationalError:
+                self._reset()
+                raise
+        with self.read() as cur:
+            cur.execute(sql, params)
+            return cur.fetchone()
 
     def open_connections(self) -> int:
         with self._lock:

@@ -72,6 +72,8 @@ _INSERT = (f"INSERT INTO entries ({', '.join(_FIELDS)}, vshard, state, intent, p
 _SET_CONTENT = ", ".join(f"{f} = ?" for f in _FIELDS[3:])
 _CCOLS = "tenant, cid, length, k, m, share_len, block_size, placement, created, touched"
 S_PENDING_NEW, S_PENDING_REPLACE = 1, 2
+_GET = f"SELECT {_ECOLS} FROM entries WHERE {_KEY}"
+_CHUNK_GET = f"SELECT {_CCOLS} FROM chunks WHERE tenant = ? AND cid = ?"
 
 
 def new_ino() -> int:
@@ -197,10 +199,7 @@ class MetaStore:
     def get(self, tenant: str, parent: int, name: str) -> Entry | None:
         vs = self.vshard_of(tenant, parent)
         eng = self.engine(vs)
-        with eng.read() as cur:
-            cur.execute(eng.sql(f"SELECT {_ECOLS} FROM entries WHERE {_KEY}"),
-                        (tenant, parent, name))
-            row = cur.fetchone()
+        row = eng.query_one(eng.sql(_GET), (tenant, parent, name))
         if row is None:
             return None
         if row[12]:
@@ -504,10 +503,7 @@ class MetaStore:
 
     def chunk_get(self, tenant: str, cid: str) -> ChunkRecord | None:
         eng = self.engine(self.vshard_of(tenant, cid))
-        with eng.read() as cur:
-            cur.execute(eng.sql(f"SELECT {_CCOLS} FROM chunks WHERE tenant = ? AND cid = ?"),
-                        (tenant, cid))
-            row = cur.fetchone()
+        row = eng.query_one(eng.sql(_CHUNK_GET), (tenant, cid))
         return _chunk(row) if row is not None else None
 
     def chunk_put(self, rec: ChunkRecord) -> None:
