@@ -20,12 +20,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
 from storage import FileInfo, Volume, paths
-from storage.errors import InvalidArgument, StorageError, VersionMismatch
+from storage.errors import InvalidArgument, InvalidPath, StorageError, VersionMismatch
 
 from .audit import AuditEvent, AuditLog, AuditWriteError
 from .classify import Classifier, is_binary
@@ -35,11 +35,15 @@ from .policy import Compiled
 from .principals import Principal, Principals
 from .qos import QosPolicy, Quota, RateLimited, Scheduler
 
+if TYPE_CHECKING:
+    from .memory import MemoryDoor
+
 T = TypeVar("T")
 
 # Volumes live here, keyed by their gateway, not on the gateway: nothing a tool can reach
 # from the object it is handed leads around the door.
 _DOORS: dict[int, Volume] = {}
+RESERVED = "/" + paths.RESERVED_ROOT
 
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"),
          (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
@@ -100,16 +104,25 @@ class _Call:
     @property
     def path(self) -> str:
         """The normalised path (an invalid one raises, and is audited as an error)."""
-        norm = paths.normalize(self.raw_path if self.raw_path is not None else "/")
+        norm = public(self.raw_path if self.raw_path is not None else "/")
         self.event.path = norm
         return norm
+
+
+def public(path: str) -> str:
+    """Normalise a path an agent gave; refuse Lodestore's reserved folder."""
+    norm = paths.normalize(path)
+    if norm == RESERVED or norm.startswith(RESERVED + "/"):
+        raise InvalidPath(f"{norm} is reserved for Lodestore's own data (KV-cache blocks); "
+                          "choose a path outside /" + paths.RESERVED_ROOT)
+    return norm
 
 
 class Gateway:
     """Governed access for one store. Construct once per process; share across threads."""
 
     __slots__ = ("_v", "principals", "_audit", "_qos", "_classifiers", "_lock", "_usage",
-                 "_qos_seen", "transport", "hooks")
+                 "_qos_seen", "transport", "hooks", "_memory")
 
     def __init__(self, vol: Volume, principals: Principals, audit: AuditLog,
                  scheduler: Scheduler | None = None, transport: str | None = None) -> None:
@@ -126,6 +139,18 @@ class Gateway:
         # Called after a successful write/delete/move with (principal, path, info|None);
         # the search index subscribes here. Exceptions in hooks are logged, not raised.
         self.hooks: list[Callable[[Principal, str, str, FileInfo | None], None]] = []
+        self._memory: Any = None
+
+    @property
+    def memory(self) -> MemoryDoor:
+        """Session context and memories (governance/memory.py), on the store's KV tier."""
+        if self._memory is None:
+            from .memory import MemoryDoor
+
+            with self._lock:
+                if self._memory is None:
+                    self._memory = MemoryDoor(self, self._v().kv)
+        return self._memory
 
     def close(self) -> None:
         for c in self._classifiers.values():
@@ -568,8 +593,8 @@ class Gateway:
             if not pol.can_list(p.role, path_):
                 self._can(p, path_, write=False)
             items, nxt = self._v().list_dir(p.tenant, path_, cursor, limit)
-            items = [i for i in items
-                     if pol.can_read(p.role, i.path) or (i.is_dir and pol.can_list(p.role, i.path))]
+            items = [i for i in items if i.path != RESERVED and (
+                pol.can_read(p.role, i.path) or (i.is_dir and pol.can_list(p.role, i.path)))]
             return items, nxt
         return self._run(p, "list_directory", path, body)
 
@@ -584,7 +609,7 @@ class Gateway:
     def move(self, p: Principal, src: str, dst: str, overwrite: bool = False) -> FileInfo:
         def body(call: _Call) -> FileInfo:
             src_n = call.path
-            dst_n = paths.normalize(dst)
+            dst_n = public(dst)
             # moving takes the content: the role must be able to read it and write both
             self._can(p, src_n, write=False)
             self._can(p, src_n, write=True)
@@ -639,6 +664,8 @@ class Gateway:
         while stack:
             d = stack.pop()
             for info in vol.iter_dir(p.tenant, d):
+                if info.path == RESERVED:
+                    continue
                 if info.is_dir:
                     if pol.can_list(p.role, info.path):
                         stack.append(info.path)

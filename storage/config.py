@@ -57,6 +57,11 @@ class StoreConfig:
     io_threads: int = 24
     write_concurrency: int = 4
     readahead: int = 8
+    # KV tier (sessions, memories): '' is the embedded SQLite file kv.db in the home
+    kv: str = ""
+
+    def kv_url(self) -> str:
+        return self.kv or f"sqlite:///{Path(self.home) / 'kv.db'}"
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> ConfigError:

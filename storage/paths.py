@@ -14,6 +14,9 @@ from .errors import InvalidPath
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
 MAX_DEPTH = 64
+# The top-level folder of each tenant that holds Lodestore's own data (KV-cache blocks of
+# the token warehouse). File tools refuse it; only internal components write there.
+RESERVED_ROOT = ".lodestore"
 
 
 def split_path(path: str) -> tuple[str, ...]:

@@ -35,6 +35,7 @@ from .errors import (
     NotFound,
     VersionMismatch,
 )
+from .kv import KVStore, open_kv
 from .meta import ROOT_INO, Entry, MetaStore, new_ino
 from .targets import open_target
 
@@ -177,6 +178,7 @@ class Volume:
                                        thread_name_prefix="lodestore-chunk")
         self._dirs: dict[tuple[str, int, str], tuple[int, float]] = {}
         self._dirs_lock = threading.Lock()
+        self._kv: KVStore | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -206,7 +208,18 @@ class Volume:
             return cls.init(home)
         return cls(StoreConfig.load(home))
 
+    @property
+    def kv(self) -> KVStore:
+        """The KV tier (opened on first use: most CLI commands never need it)."""
+        if self._kv is None:
+            with self._dirs_lock:
+                if self._kv is None:
+                    self._kv = open_kv(self.cfg.kv_url(), self.cfg.durability)
+        return self._kv
+
     def close(self) -> None:
+        if self._kv is not None:
+            self._kv.close()
         self.pool.shutdown(wait=True)
         self.chunks.close()
         self.meta.close()

@@ -42,3 +42,25 @@ def pg_url():
     with admin.connect() as c:
         c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+REDIS_TEST_URL = os.environ.get("LODESTORE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@pytest.fixture
+def redis_kv_url():
+    """A Redis KV URL with a key prefix of its own; every key under it is deleted after."""
+    try:
+        import redis
+    except ImportError as exc:
+        service_missing(f"redis package not installed: {exc}")
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=1)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        service_missing(f"Redis not reachable at {REDIS_TEST_URL}: {exc}")
+    prefix = f"lodestore-test-{uuid.uuid4().hex[:10]}:"
+    yield f"{REDIS_TEST_URL}?prefix={prefix}"
+    for key in client.scan_iter(f"{prefix}*"):
+        client.delete(key)
+    client.close()
