@@ -190,7 +190,9 @@ class LodestoreMCP:
                 "Governed storage: files and search for this agent's tenant. Paths are "
                 "tenant-relative (/notes/a.md). Files are also resources under "
                 f"{FILES_TEMPLATE}. Reads may come masked where the tenant's policy hides "
-                "labelled values from this agent's role."),
+                "labelled values from this agent's role. Conversation context survives "
+                "restarts: session_append each turn, session_context to get it back within a "
+                "token budget; remember / recall / forget keep facts across sessions."),
             log_level="WARNING")
         low = self.server._lowlevel_server  # the SDK's own Client reaches it the same way
         if not _otel_configured():

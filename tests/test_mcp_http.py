@@ -16,7 +16,7 @@ from mcp import Client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import mcp_support as ms  # noqa: E402
-from test_mcp_stdio import _text, sample_args  # noqa: E402
+from test_mcp_stdio import _text, memory_tools_flow, sample_args  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -139,6 +139,7 @@ def test_http_tools_isolation_sse_health_metrics(server: dict[str, Any]) -> None
                     if "path" in args or "paths" in args:
                         other = await alice.call_tool(spec.name, args)
                         assert "merger" not in _text(other), spec.name
+            await memory_tools_flow(bob, alice)
             # concurrent sessions of one agent
             async def burst(i: int) -> None:
                 async with Client(ms.http_transport(url, tokens["acme/carol"])) as c:
@@ -157,6 +158,7 @@ def test_http_tools_isolation_sse_health_metrics(server: dict[str, Any]) -> None
             res = await c.call_tool("demo_whoami", {})
             assert (res.structured_content["tenant"], res.structured_content["agent"]) == (
                 "acme", "bob")
+            await memory_tools_flow(c)
 
     asyncio.run(run())
 

@@ -90,6 +90,37 @@ async def real_tools_flow(c: Any, names: set[str]) -> None:
     await ok("storage_status", {})
 
 
+async def memory_tools_flow(c: Any, other: Any | None = None) -> None:
+    """The context-memory tools over a real client; ``other`` is another tenant's client."""
+    async def ok(client: Any, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        res = await client.call_tool(name, args)
+        assert not res.is_error, (name, _text(res))
+        return res.structured_content
+
+    r = await ok(c, "session_append", {"content": "we chose the heron design"})
+    sid = r["session"]
+    assert r["created"] and sid.startswith("ses_")
+    await ok(c, "session_append", {"content": "ok, heron it is", "role": "assistant",
+                                   "session": sid})
+    ctx = await ok(c, "session_context", {"session": sid, "max_tokens": 100})
+    assert [t["content"] for t in ctx["turns"]] == ["we chose the heron design",
+                                                   "ok, heron it is"]
+    assert sid in {s["session"] for s in (await ok(c, "list_sessions", {}))["sessions"]}
+    m = await ok(c, "remember", {"content": "the design review is on thursday",
+                                 "tags": ["design"], "key": "review"})
+    hits = await ok(c, "recall", {"query": "when is the design review"})
+    assert hits["memories"][0]["id"] == m["memory"]["id"]
+    if other is not None:  # another tenant sees none of it
+        res = await other.call_tool("session_context", {"session": sid, "max_tokens": 100})
+        assert res.is_error and _text(res).startswith("not_found"), _text(res)
+        assert (await ok(other, "recall", {"query": "design review"}))["memories"] == []
+        assert (await ok(other, "list_sessions", {}))["sessions"] == []
+    res = await c.call_tool("session_context", {"session": "ses_nope", "max_tokens": 10})
+    assert res.is_error and "minted" in _text(res)
+    await ok(c, "forget", {"key": "review"})
+    assert (await ok(c, "recall", {"query": "design review"}))["memories"] == []
+
+
 def sample_args(tool: Any, file_path: str, dir_path: str) -> dict[str, Any]:
     """Valid-looking arguments for a tool, from its input schema and parameter names."""
     schema = tool.input_schema or {}
@@ -181,6 +212,7 @@ def test_stdio_session_end_to_end(store: dict[str, Any]) -> None:
             assert [str(r.uri) for r in top] == ["lodestore://files/top.txt"]
 
             await real_tools_flow(c, set(listed))
+            await memory_tools_flow(c)
             # every read-only tool of the registry answers (no crash) with sample arguments
             for spec in TOOLS:
                 if not spec.read_only:
