@@ -43,6 +43,7 @@ from starlette.routing import Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .auth import SCOPE, StoreTokenVerifier
+from .kv_http import kv_app
 from .mcp_app import LodestoreMCP
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -210,6 +211,10 @@ def build_http_app(mcp: LodestoreMCP, *, public_url: str, bind_host: str = "127.
         return PlainTextResponse(metrics.render(),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # the token warehouse (KV-cache blocks): its own bearer auth and JSON errors
+    routes.append(Mount("/v1/kv", app=OriginGuard(
+        kv_app(mcp.app.gateway, resource_metadata_url=str(prm_url)), allowed_origins,
+        check_host, metrics.refused)))
     routes.append(Route("/healthz", endpoint=health.endpoint, methods=["GET"]))
     routes.append(Route("/metrics", endpoint=metrics_endpoint, methods=["GET"]))
     routes.extend(create_protected_resource_routes(

@@ -1,0 +1,557 @@
+"""The token warehouse (issue 5, item 4): vLLM-compatible block hashes, put/get/lookup in
+the chunk store behind the hot tier, dedup and isolation per tenant, TTL and capacity
+eviction, GC safety, bad input, and the governed door.
+
+Every test runs on a real embedded store (SQLite metadata, six local fragment folders,
+k=4 m=6) in ``tmp_path``; chunks are small (64 KiB, inline up to 1 KiB) so test blocks
+span chunks and go through erasure coding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+from pathlib import Path
+
+import cbor2
+import pytest
+
+from governance.errors import Forbidden
+from governance.warehouse import WarehouseDoor
+from server.wiring import open_app
+from storage import StoreConfig, UnknownTenant, Volume
+from storage.errors import InvalidArgument, NotFound
+from storage.maintenance import gc
+from storage.warehouse import (
+    KV_ROOT,
+    NONE_HASH,
+    BadBlock,
+    HashMismatch,
+    ModelMismatch,
+    TokenWarehouse,
+    UnknownModel,
+    block_hashes,
+    hash_block_tokens,
+    model_dir,
+    root_hash,
+    sha256_cbor,
+)
+
+MODEL = "HuggingFaceTB/SmolLM2-135M"
+BS = 4  # tokens per block in most tests
+BLOCK = 80_000  # bytes per block: over the inline threshold, two 64 KiB chunks
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _volume(home: Path) -> Volume:
+    cfg = StoreConfig.embedded(home, chunk_size=65536, inline_threshold=1024, durability="none")
+    vol = Volume.init(home, cfg)
+    for t in ("acme", "globex"):
+        vol.create_tenant(t)
+    return vol
+
+
+@pytest.fixture
+def vol(tmp_path: Path):
+    v = _volume(tmp_path / "store")
+    yield v
+    v.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def wh(vol: Volume, clock: Clock):
+    w = TokenWarehouse(vol, clock=clock)
+    yield w
+    w.close()
+
+
+def blocks_for(n: int, seed: int = 0, size: int = BLOCK) -> list[bytes]:
+    return [hashlib.shake_256(f"{seed}:{i}".encode()).digest(size) for i in range(n)]
+
+
+def tokens(n: int, base: int = 1000) -> list[int]:
+    return [base + i * 7 for i in range(n)]
+
+
+def chunk_count(vol: Volume, tenant: str) -> int:
+    return sum(1 for rec in vol.meta.iter_chunks() if rec.tenant == tenant)
+
+
+# -- hashing: bit-compatible with vLLM -------------------------------------------------
+
+
+def _cbor_uint(major: int, n: int) -> bytes:
+    """Canonical CBOR head for major type and argument (RFC 8949 §4.2.1), by hand."""
+    if n < 24:
+        return bytes([major << 5 | n])
+    for code, fmt in ((24, ">B"), (25, ">H"), (26, ">I"), (27, ">Q")):
+        if n < 1 << (8 * struct.calcsize(fmt)):
+            return bytes([major << 5 | code]) + struct.pack(fmt, n)
+    raise ValueError(n)
+
+
+def _vllm_block_hash_by_hand(parent: bytes, token_ids: list[int]) -> bytes:
+    """sha256 over CBOR([parent bytes, [tokens...], null]) encoded without cbor2."""
+    enc = (_cbor_uint(4, 3) + _cbor_uint(2, len(parent)) + parent
+           + _cbor_uint(4, len(token_ids)) + b"".join(_cbor_uint(0, t) for t in token_ids)
+           + b"\xf6")
+    return hashlib.sha256(enc).digest()
+
+
+def _vllm_literal(token_ids: list[int], block_size: int, seed: str = "0",
+                  extra: list | None = None) -> list[bytes]:
+    """vLLM's code, followed literally: init_none_hash with PYTHONHASHSEED=seed, then
+    get_request_block_hasher's loop over full blocks calling hash_block_tokens."""
+    def sha256_cbor_vllm(input):  # vllm/utils/hashing.py
+        input_bytes = cbor2.dumps(input, canonical=True)
+        return hashlib.sha256(input_bytes).digest()
+
+    none_hash = sha256_cbor_vllm(seed)  # init_none_hash: hash_fn(os.getenv("PYTHONHASHSEED"))
+
+    def hash_block_tokens_vllm(hash_function, parent_block_hash, curr_block_token_ids,
+                               extra_keys=None):
+        if not parent_block_hash:
+            parent_block_hash = none_hash
+        curr_block_token_ids_tuple = tuple(curr_block_token_ids)
+        return hash_function((parent_block_hash, curr_block_token_ids_tuple, extra_keys))
+
+    out, prev, start = [], None, 0
+    while start + block_size <= len(token_ids):
+        ek = extra[len(out)] if extra else None
+        prev = hash_block_tokens_vllm(sha256_cbor_vllm, prev,
+                                      token_ids[start:start + block_size], ek)
+        out.append(prev)
+        start += block_size
+    return out
+
+
+def test_hash_vectors_match_vllm() -> None:
+    # the root: vLLM's NONE_HASH with PYTHONHASHSEED=0 is sha256(CBOR text "0")
+    assert NONE_HASH == hashlib.sha256(b"\x61\x30").digest() == root_hash()
+    assert root_hash("42") == hashlib.sha256(b"\x62" + b"42").digest()
+    assert root_hash(root=b"\x01" * 32) == b"\x01" * 32
+    assert sha256_cbor(("x", (1, 2), None)) == hashlib.sha256(
+        bytes.fromhex("83617882010 2f6".replace(" ", ""))).digest()
+
+    # token ids across every CBOR integer width, and a trailing partial block
+    toks = [0, 1, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 151_000, 49_151, 7]
+    got = block_hashes(toks, 4)
+    assert len(got) == 3  # 13 tokens: 3 full blocks, the partial one has no hash
+    assert got == _vllm_literal(toks, 4)
+    by_hand, parent = [], NONE_HASH
+    for i in range(3):
+        parent = _vllm_block_hash_by_hand(parent, toks[i * 4:(i + 1) * 4])
+        by_hand.append(parent)
+    assert got == by_hand
+    # chaining: block i depends on every token before it
+    other = block_hashes([9] + toks[1:], 4)
+    assert all(a != b for a, b in zip(got, other, strict=True))
+    assert block_hashes(toks[:8] + [5, 5, 5, 5], 4)[:2] == got[:2]
+    # another seed, extra keys (LoRA name, multimodal ids) and a long prompt
+    long = [(i * 7919) % 50_000 for i in range(2048)]
+    assert block_hashes(long, 16, none_hash=root_hash("1234")) == _vllm_literal(long, 16, "1234")
+    extra = [("lora-a",), None, ("img-3f", 0)]
+    assert block_hashes(toks, 4, extra) == _vllm_literal(toks, 4, extra=extra)
+    assert block_hashes(toks, 4, extra) != got
+    assert hash_block_tokens(None, toks[:4]) == got[0]
+    # pinned vector (vLLM v0.17 semantics, PYTHONHASHSEED=0, block_size 4)
+    assert block_hashes([1, 2, 3, 4], 4)[0] == _vllm_block_hash_by_hand(NONE_HASH, [1, 2, 3, 4])
+
+
+def test_warehouse_hashes_equal_module_hashes(wh: TokenWarehouse) -> None:
+    toks = tokens(40)
+    assert wh.block_hashes(toks, 8) == _vllm_literal(toks, 8)
+    seeded = TokenWarehouse(wh.vol, hash_seed="7")
+    try:
+        assert seeded.block_hashes(toks, 8) == _vllm_literal(toks, 8, "7")
+    finally:
+        seeded.close()
+
+
+# -- put, get, lookup ------------------------------------------------------------------
+
+
+def test_round_trip_lookup_and_chunk_store_reads(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(5 * BS + 2)  # five full blocks and a partial one
+    data = blocks_for(5)
+    hs = wh.put_blocks("acme", MODEL, toks, data, BS)
+    assert hs == block_hashes(toks, BS)
+    info = wh.model_info("acme", MODEL)
+    assert (info.block_size, info.block_bytes) == (BS, BLOCK)
+    assert wh.get_blocks("acme", MODEL, hs) == data
+    assert wh.get_blocks("acme", MODEL, [h.hex() for h in hs[:2]]) == data[:2]
+    # lookup: the longest cached prefix, in tokens
+    assert wh.lookup("acme", MODEL, toks) == 5 * BS
+    assert wh.lookup("acme", MODEL, toks[:3 * BS + 1]) == 3 * BS
+    assert wh.lookup("acme", MODEL, toks[:2 * BS] + [1, 2, 3, 4] + toks[3 * BS:]) == 2 * BS
+    assert wh.lookup("acme", MODEL, [1] + toks[1:]) == 0
+    assert wh.lookup("acme", MODEL, toks, BS) == 5 * BS
+    # the files: under the reserved root, chunked and erasure-coded
+    path = f"{KV_ROOT}/{model_dir(MODEL)}/b/{hs[0].hex()[:2]}/{hs[0].hex()}"
+    fi = vol.stat("acme", path)
+    assert fi.size == BLOCK and fi.chunks == 2 and fi.attrs["pos"] == 0
+    # the hot tier dropped, reads come from the chunk store
+    assert len(wh.hot) == 5
+    wh.drop_hot()
+    assert len(wh.hot) == 0
+    reads: list[str] = []
+    real_open = vol.open_file
+
+    def counting_open(tenant: str, p: str):  # type: ignore[no-untyped-def]
+        reads.append(p)
+        return real_open(tenant, p)
+
+    vol.open_file = counting_open  # type: ignore[method-assign]
+    try:
+        assert wh.get_blocks("acme", MODEL, hs) == data
+        assert len([p for p in reads if "/b/" in p]) == 5
+        reads.clear()
+        assert wh.get_blocks("acme", MODEL, hs) == data  # now hot again
+        assert not [p for p in reads if "/b/" in p]
+    finally:
+        del vol.open_file
+    # a second warehouse (another process, restart) sees the same blocks
+    other = TokenWarehouse(vol, hot_bytes=0)
+    try:
+        assert other.lookup("acme", MODEL, toks) == 5 * BS
+        assert other.get_blocks("acme", MODEL, hs) == data
+    finally:
+        other.close()
+
+
+def test_incremental_put_exists_list_delete(wh: TokenWarehouse) -> None:
+    toks = tokens(6 * BS)
+    data = blocks_for(6, seed=3)
+    hs = block_hashes(toks, BS)
+    wh.put_blocks("acme", MODEL, toks[:2 * BS], data[:2], BS)
+    # later blocks, with the whole prefix for the chain and the hashes as a check
+    assert wh.put_blocks("acme", MODEL, toks, data[2:], start_block=2, hashes=hs[2:]) == hs[2:]
+    assert wh.lookup("acme", MODEL, toks) == 6 * BS
+    # putting the same blocks again writes nothing
+    res = wh.put_blocks_ex("acme", MODEL, toks, data, BS)
+    assert (res.written, res.bytes_written) == (0, 0)
+    assert wh.exists("acme", MODEL, hs[3]) and wh.exists("acme", MODEL, hs[3].hex())
+    items, cursor = wh.list_blocks("acme", MODEL, limit=4)
+    rest, end = wh.list_blocks("acme", MODEL, cursor=cursor)
+    assert end is None and len(items) == 4 and len(rest) == 2
+    listed = items + rest
+    assert sorted(b.hash for b in listed) == sorted(hs) == [b.hash for b in listed]
+    assert {b.position for b in listed} == set(range(6))
+    assert wh.delete_blocks("acme", MODEL, [hs[3]]) == 1
+    assert not wh.exists("acme", MODEL, hs[3])
+    assert wh.lookup("acme", MODEL, toks) == 3 * BS  # the chain breaks at the hole
+    assert wh.get_blocks("acme", MODEL, [hs[3], hs[4]]) == [None, data[4]]
+    assert [m.model for m in wh.list_models("acme")] == [MODEL]
+    assert wh.delete_model("acme", MODEL) == 5
+    with pytest.raises(UnknownModel):
+        wh.lookup("acme", MODEL, toks)
+
+
+def test_register_model_manifest(wh: TokenWarehouse) -> None:
+    info = wh.register_model("acme", "m/one", 16, block_bytes=BLOCK, dtype="bfloat16",
+                             hash_seed="42")
+    assert info.root == root_hash("42") and info.block_size == 16
+    assert wh.register_model("acme", "m/one", 16) == info  # idempotent
+    with pytest.raises(ModelMismatch, match="blocks of 16 tokens, not 32"):
+        wh.register_model("acme", "m/one", 32)
+    with pytest.raises(ModelMismatch, match="hash root"):
+        wh.register_model("acme", "m/one", 16, hash_seed="43")
+    toks = tokens(32)
+    hs = wh.put_blocks("acme", "m/one", toks, blocks_for(2))
+    assert hs == _vllm_literal(toks, 16, "42")  # the model's own root
+    with pytest.raises(UnknownTenant):
+        wh.register_model("nobody", "m/one", 16)
+
+
+# -- dedup and isolation ---------------------------------------------------------------
+
+
+def test_dedup_within_tenant_not_across(wh: TokenWarehouse, vol: Volume) -> None:
+    data = blocks_for(3, seed=11)
+    base = chunk_count(vol, "acme")
+    wh.put_blocks("acme", "model-a", tokens(3 * BS), data, BS)
+    one = chunk_count(vol, "acme") - base
+    assert one == 6  # three blocks of two chunks each
+    # the same bytes under another model (other hashes, other files): no new chunks
+    wh.put_blocks("acme", "model-b", tokens(3 * BS, base=5), data, BS)
+    assert chunk_count(vol, "acme") - base == one
+    # another tenant stores its own chunks, never shared
+    g0 = chunk_count(vol, "globex")
+    wh.put_blocks("globex", "model-a", tokens(3 * BS), data, BS)
+    assert chunk_count(vol, "globex") - g0 == one
+    acme_ids = {r.cid for r in vol.meta.iter_chunks() if r.tenant == "acme"}
+    globex_ids = {r.cid for r in vol.meta.iter_chunks() if r.tenant == "globex"}
+    assert not acme_ids & globex_ids
+
+
+def test_tenant_isolation(wh: TokenWarehouse) -> None:
+    toks = tokens(3 * BS)
+    hs = wh.put_blocks("acme", MODEL, toks, blocks_for(3), BS)
+    with pytest.raises(UnknownModel):
+        wh.lookup("globex", MODEL, toks)
+    with pytest.raises(UnknownModel):
+        wh.get_blocks("globex", MODEL, hs)
+    assert wh.list_models("globex") == []
+    # globex with the same model: the same hashes name nothing of acme's
+    wh.register_model("globex", MODEL, BS)
+    assert wh.lookup("globex", MODEL, toks) == 0
+    assert wh.get_blocks("globex", MODEL, hs) == [None] * 3
+    assert not wh.exists("globex", MODEL, hs[0])
+    assert wh.list_blocks("globex", MODEL) == ([], None)
+    assert wh.lookup("acme", MODEL, toks) == 3 * BS
+
+
+# -- TTL, capacity, GC -----------------------------------------------------------------
+
+
+def test_ttl_expiry(vol: Volume, clock: Clock) -> None:
+    wh = TokenWarehouse(vol, clock=clock, default_ttl=3600)
+    try:
+        toks = tokens(4 * BS)
+        data = blocks_for(4)
+        hs = wh.put_blocks("acme", MODEL, toks[:2 * BS], data[:2], BS, ttl=10)
+        wh.put_blocks("acme", MODEL, toks, data[2:], BS, start_block=2)  # default TTL
+        clock.t += 5
+        assert wh.lookup("acme", MODEL, toks) == 4 * BS
+        clock.t += 6  # the first two blocks are past their TTL
+        assert wh.lookup("acme", MODEL, toks) == 0
+        assert wh.get_blocks("acme", MODEL, hs) == [None, None]
+        wh.drop_hot()
+        assert wh.get_blocks("acme", MODEL, hs) == [None, None]
+        assert not wh.exists("acme", MODEL, hs[0])
+        assert [b.position for b in wh.list_blocks("acme", MODEL)[0]] in ([2, 3], [3, 2])
+        # re-putting an expired block stores it again
+        wh.put_blocks("acme", MODEL, toks, data[:1], BS, ttl=100)
+        assert wh.lookup("acme", MODEL, toks) == BS
+        # evict() deletes what has expired
+        clock.t += 4000
+        assert wh.evict("acme") == {"expired": 4, "capacity": 0}
+        assert wh.list_blocks("acme", MODEL) == ([], None)
+        assert wh.usage("acme") == 0
+        with pytest.raises(InvalidArgument, match="ttl"):
+            wh.put_blocks("acme", MODEL, toks, data[:1], BS, ttl=-1)
+    finally:
+        wh.close()
+
+
+def test_refreshing_ttl_keeps_data(vol: Volume, clock: Clock) -> None:
+    wh = TokenWarehouse(vol, clock=clock)
+    try:
+        toks = tokens(BS)
+        [h] = wh.put_blocks("acme", MODEL, toks, blocks_for(1), BS, ttl=10)
+        wh.put_blocks("acme", MODEL, toks, blocks_for(1), BS, ttl=1000)  # extends, no rewrite
+        clock.t += 100
+        wh.drop_hot()
+        assert wh.get_blocks("acme", MODEL, [h]) == blocks_for(1)
+    finally:
+        wh.close()
+
+
+def test_capacity_eviction_lru(vol: Volume, clock: Clock) -> None:
+    wh = TokenWarehouse(vol, clock=clock, capacity_bytes=3 * BLOCK)
+    try:
+        toks = tokens(5 * BS)
+        data = blocks_for(5)
+        hs = block_hashes(toks, BS)
+        for i in range(3):
+            wh.put_blocks("acme", MODEL, toks, [data[i]], BS, start_block=i)
+        assert wh.usage("acme") == 3 * BLOCK
+        wh.get_blocks("acme", MODEL, [hs[0]])  # block 0 is now the most recently used
+        wh.put_blocks("acme", MODEL, toks, [data[3]], BS, start_block=3)
+        assert wh.usage("acme") == 3 * BLOCK
+        present = [wh.exists("acme", MODEL, h) for h in hs[:4]]
+        assert present == [True, False, True, True]  # block 1 was least recently used
+        wh.lookup("acme", MODEL, toks)  # touches block 0 only (the chain breaks at 1)
+        wh.put_blocks("acme", MODEL, toks, [data[4]], BS, start_block=4)
+        assert [wh.exists("acme", MODEL, h) for h in hs] == [True, False, False, True, True]
+        # a restarted warehouse seeds its usage from the store
+        again = TokenWarehouse(vol, clock=clock, capacity_bytes=2 * BLOCK)
+        try:
+            assert again.usage("acme") == 3 * BLOCK
+            assert again.evict("acme")["capacity"] == 1
+            assert again.usage("acme") == 2 * BLOCK
+        finally:
+            again.close()
+        with pytest.raises(InvalidArgument, match="capacity"):
+            wh.put_blocks("acme", MODEL, toks, data[:4], BS)
+    finally:
+        wh.close()
+
+
+def test_gc_never_collects_live_blocks(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(4 * BS)
+    data = blocks_for(4, seed=5)
+    hs = wh.put_blocks("acme", MODEL, toks, data, BS)
+    rep = gc(vol, grace=0)
+    assert rep.chunks_deleted == 0 and rep.orphan_fragments_deleted == 0
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs) == data
+    # deleted blocks' chunks are collected, the others stay readable
+    wh.delete_blocks("acme", MODEL, hs[:2])
+    rep = gc(vol, grace=0)
+    assert rep.chunks_deleted == 4
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs) == [None, None, *data[2:]]
+
+
+# -- bad input: clear errors, nothing stored -------------------------------------------
+
+
+def _nothing_stored(wh: TokenWarehouse, vol: Volume) -> None:
+    assert not vol.exists("acme", KV_ROOT) or not any(
+        fi.name != "model.json" for fi in vol.walk("acme", KV_ROOT) if not fi.is_dir)
+
+
+def test_bad_input_clear_errors_nothing_stored(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(3 * BS)
+    data = blocks_for(3)
+    hs = block_hashes(toks, BS)
+    with pytest.raises(UnknownModel, match="unknown model 'nope'.*put blocks"):
+        wh.get_blocks("acme", "nope", hs)
+    with pytest.raises(UnknownModel):
+        wh.lookup("acme", "nope", toks, BS)
+    with pytest.raises(UnknownModel):
+        wh.put_blocks("acme", "nope", toks, data)  # no block_size: cannot register
+    cases = [
+        (HashMismatch, "not the hash of its token ids",
+         dict(hashes=[hs[0], hs[2], hs[1]])),
+        (HashMismatch, "one hash per block", dict(hashes=hs[:2])),
+        (InvalidArgument, "hashes\\[0\\] must be", dict(hashes=["xyz", hs[1], hs[2]])),
+        (BadBlock, "truncated or malformed",
+         dict(blocks=[data[0], data[1][:-1], data[2]])),
+        (BadBlock, "block 1 is empty", dict(blocks=[data[0], b"", data[2]])),
+        (BadBlock, "block 2 is str", dict(blocks=[data[0], data[1], "text"])),
+        (BadBlock, "2 full blocks of 4", dict(token_ids=toks[:-1])),
+        (InvalidArgument, "token_ids\\[2\\]", dict(token_ids=[1, 2, -3] + toks[3:])),
+        (InvalidArgument, "token_ids must be a list", dict(token_ids="1 2 3")),
+        (InvalidArgument, "block_size", dict(block_size=0)),
+        (InvalidArgument, "model id", dict(model="")),
+        (UnknownTenant, "unknown tenant", dict(tenant="nobody")),
+    ]
+    for exc, msg, over in cases:
+        args = dict(tenant="acme", model=MODEL, token_ids=toks, blocks=data, block_size=BS)
+        args.update(over)
+        with pytest.raises(exc, match=msg):
+            wh.put_blocks(**args)
+        _nothing_stored(wh, vol)
+    assert wh.list_models("acme") == []
+    # a registered model: wrong block size, wrong block bytes
+    wh.put_blocks("acme", MODEL, toks, data, BS)
+    before = len(wh.list_blocks("acme", MODEL)[0])
+    with pytest.raises(ModelMismatch, match="blocks of 4 tokens, not 8"):
+        wh.put_blocks("acme", MODEL, tokens(16, base=9), blocks_for(2, seed=9), 8)
+    with pytest.raises(ModelMismatch, match="not 8"):
+        wh.lookup("acme", MODEL, toks, 8)
+    with pytest.raises(BadBlock, match="80,000 bytes"):
+        wh.put_blocks("acme", MODEL, tokens(4, base=3), [b"x" * 100], BS)
+    assert len(wh.list_blocks("acme", MODEL)[0]) == before
+    with pytest.raises(InvalidArgument, match="64 hex digits"):
+        wh.get_blocks("acme", MODEL, ["00" * 31])
+    with pytest.raises(NotFound):
+        wh.get_blocks("acme", "other", hs)
+
+
+def test_failed_write_leaves_no_partial_put(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(4 * BS)
+    data = blocks_for(4)
+    real = vol.write
+    calls = {"n": 0}
+
+    def flaky(tenant, path, payload, **kw):  # type: ignore[no-untyped-def]
+        if "/b/" in path:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk full")
+        return real(tenant, path, payload, **kw)
+
+    vol.write = flaky  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            wh.put_blocks("acme", MODEL, toks, data, BS)
+    finally:
+        del vol.write
+    wh.drop_hot()
+    assert wh.lookup("acme", MODEL, toks) == 0
+    assert wh.list_blocks("acme", MODEL) == ([], None)
+
+
+def test_keyed_objects(wh: TokenWarehouse, clock: Clock) -> None:
+    key = "lmcache/model@1@0@abcdef@bfloat16"
+    wh.put_object("acme", "lmcache/model", key, b"payload" * 100)
+    assert wh.has_object("acme", "lmcache/model", key)
+    assert wh.get_object("acme", "lmcache/model", key) == b"payload" * 100
+    assert wh.list_objects("acme") == [key]
+    assert wh.list_objects("acme", "lmcache/model") == [key]
+    assert not wh.has_object("globex", "lmcache/model", key)
+    wh.put_object("acme", "lmcache/model", "k2", b"x", ttl=5)
+    clock.t += 6
+    assert wh.get_object("acme", "lmcache/model", "k2") is None
+    assert wh.delete_object("acme", "lmcache/model", key)
+    assert wh.get_object("acme", "lmcache/model", key) is None
+    assert wh.list_objects("acme") == []
+
+
+# -- the governed door -----------------------------------------------------------------
+
+
+def test_door_authorizes_and_audits(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    _volume(home).close()
+    app = open_app(home)
+    door = WarehouseDoor(app.gateway)
+    try:
+        app.principals.add_tenant("kvt")
+        app.principals.set_policy("kvt", """
+paths:
+  - {prefix: /, read: [agent, reader], write: [agent]}
+  - {prefix: /.lodestore/kv, read: [agent, reader], write: [agent]}
+quotas: {bytes: 300000}
+""")
+        agent = app.gateway.authenticate(app.principals.add_agent("kvt", "eng", role="agent"))
+        reader = app.gateway.authenticate(app.principals.add_agent("kvt", "ro", role="reader"))
+        guest = app.gateway.authenticate(app.principals.add_agent("kvt", "g", role="guest"))
+        toks = tokens(2 * BS)
+        res = door.put_blocks(agent, MODEL, toks, blocks_for(2), BS)
+        assert res.written == 2 and res.bytes_written == 2 * BLOCK
+        assert door.lookup(reader, MODEL, toks) == (2 * BS, res.hashes)
+        assert door.get_blocks(reader, MODEL, res.hashes) == blocks_for(2)
+        with pytest.raises(Forbidden, match="may not write"):
+            door.put_blocks(reader, MODEL, toks, blocks_for(2), BS)
+        with pytest.raises(Forbidden, match="may not read"):
+            door.lookup(guest, MODEL, toks)
+        with pytest.raises(Exception, match="quota"):
+            door.put_blocks(agent, MODEL, tokens(4 * BS, base=3), blocks_for(4, 8), BS)
+        cols, rows = app.audit.query(
+            "SELECT operation, agent, decision, bytes, path FROM audit WHERE tenant = 'kvt' "
+            "AND operation LIKE 'kv_%' ORDER BY seq")
+        ops = [(r[0], r[1], r[2]) for r in rows]
+        assert ops == [("kv_put", "eng", "allow"), ("kv_lookup", "ro", "allow"),
+                       ("kv_get", "ro", "allow"), ("kv_put", "ro", "deny"),
+                       ("kv_lookup", "g", "deny"), ("kv_put", "eng", "error")]
+        assert rows[0][3] == 2 * BLOCK and rows[2][3] == 2 * BLOCK
+        assert rows[0][4] == f"{KV_ROOT}/{model_dir(MODEL)}"
+    finally:
+        door.close()
+        app.close()
+
+
+def test_model_dir_is_safe() -> None:
+    assert model_dir(MODEL).startswith("huggingfacetb-smollm2-135m-")
+    assert model_dir("../../etc") != model_dir("etc")
+    assert "/" not in model_dir("a/b/c") and model_dir("日本語").startswith("model-")
+    with pytest.raises(InvalidArgument):
+        model_dir("bad\nid")
+    assert len(os.path.basename(model_dir("x" * 500))) <= 65
