@@ -45,7 +45,8 @@ class StoreConfig:
     m: int = 6
     chunk_size: int = 4 * MiB
     inline_threshold: int = 64 * 1024
-    checksum_block: int = 16 * 1024
+    # 4 KiB: a 4 KiB random read fetches 4 KiB + 8 (16 KiB blocks made it read 16 KiB)
+    checksum_block: int = 4 * 1024
     durability: str = "fsync"
     virtual_shards: int = 64
     engines: list[str] = field(default_factory=list)
