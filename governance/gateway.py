@@ -13,12 +13,13 @@ never blocks.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import fnmatch
 import functools
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
@@ -186,6 +187,22 @@ class Gateway:
                 ev.labels = list(exc.entity_types)
             ev.error = getattr(exc, "code", type(exc).__name__)
         self._audit.append(ev)  # raises AuditWriteError: then the call fails
+
+    @contextlib.asynccontextmanager
+    async def audited(self, p: Principal, op: str, path: str | None = None
+                      ) -> AsyncIterator[AuditEvent]:
+        """One audit event for a composite call (search, query_table) whose data access
+        goes through the gateway's own governed reads (each audited and QoS-admitted
+        itself, so this adds no QoS slot: a nested admit could starve its own reads).
+        The body may set ``bytes``, ``labels`` and ``decision`` on the yielded event; it
+        must never put content or query text there."""
+        call = _Call(p, op, path, self.transport)
+        try:
+            yield call.event
+        except BaseException as exc:
+            await anyio.to_thread.run_sync(self._finish, call, exc)
+            raise
+        await anyio.to_thread.run_sync(self._finish, call, None)
 
     def _audit_ready(self) -> None:
         """Refuse before changing anything if the audit log cannot take the event."""

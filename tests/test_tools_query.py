@@ -199,3 +199,20 @@ def test_progress_is_reported_while_loading_and_querying(env):
                                                            "b": "/data/sales.csv"})
     assert len(seen) >= 4 and seen[-1][0] == seen[-1][1]
     assert any("loading" in (m or "") for _d, _t, m in seen)
+
+
+def test_each_query_is_one_audit_event_without_the_sql(env):
+    ctx = env.ctx()
+    gw = ctx.gateway
+    marker = "zz_secret_literal_42"
+    q(env, f"SELECT count(*) FROM sales WHERE rep <> '{marker}'")
+    refused(env, "COPY sales TO '/tmp/x.csv'")
+    cols, rows = gw._audit.query(
+        "SELECT operation, path, decision, error FROM audit WHERE operation = 'query_table' "
+        "ORDER BY seq DESC LIMIT 2")
+    assert [(r[0], r[1], r[3]) for r in rows][::-1] == [
+        ("query_table", "/data/sales.csv", None), ("query_table", "/data/sales.csv", rows[0][3])]
+    assert rows[0][3] is not None  # the refused one is recorded as an error
+    cols, rows = gw._audit.query(f"SELECT count(*) FROM audit WHERE path LIKE '%{marker}%' "
+                                 f"OR error LIKE '%{marker}%'")
+    assert rows[0][0] == 0

@@ -329,3 +329,16 @@ def test_search_without_an_index_says_it_is_off(tmp_path):
         assert w.index_state is None
     finally:
         app.close()
+
+
+def test_each_search_is_one_audit_event_without_the_query(env):
+    a = env.ctx("agent")
+    run(F.write_file, a, "/aud/one.md", "platypus notes\n")
+    find(env, "platypus uniquequeryword", match="any", path_prefix="/aud")
+    cols, rows = a.gateway._audit.query(
+        "SELECT operation, path, decision FROM audit WHERE operation = 'search' "
+        "ORDER BY seq DESC LIMIT 1")
+    assert rows == [("search", "/aud", "allow")]
+    cols, rows = a.gateway._audit.query(
+        "SELECT count(*) FROM audit WHERE path LIKE '%uniquequeryword%'")
+    assert rows[0][0] == 0

@@ -215,6 +215,17 @@ async def query_table(
             raise ToolError("invalid_argument",
                             f"table name {name!r} must be a plain SQL identifier (a letter or "
                             "'_', then letters, digits, '_'; not a keyword), e.g. 'sales'")
+    first = next(iter(tables.values()))
+    async with ctx.gateway.audited(ctx.principal, "query_table", first) as event:
+        result = await _query(ctx, sql, tables, limit, timeout_s, t0)
+        event.labels = sorted({lab for t in result.tables for lab in t.labels})
+        if result.masked:
+            event.decision = "masked"
+    return result
+
+
+async def _query(ctx: ToolContext, sql: str, tables: dict[str, str], limit: int,
+                 timeout_s: float, t0: float) -> QueryTableResult:
     await anyio.to_thread.run_sync(_check_sql, sql)
     cap = int(_table_cap(ctx))
     loaded: dict[str, Any] = {}

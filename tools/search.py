@@ -151,30 +151,32 @@ async def search(
     after = parse_time(modified_after, "modified_after")
     before = parse_time(modified_before, "modified_before")
     p = ctx.principal
-    pol = await anyio.to_thread.run_sync(ctx.gateway.policy, p)
-    pat = _pattern(m)
-    out: list[SearchHitModel] = []
-    seen, offset, more = 0, 0, False
-    while len(out) < limit and seen < MAX_SCANNED:
-        hits = await anyio.to_thread.run_sync(
-            lambda off=offset: idx.query(p.tenant, m, prefix=prefix, labels=labels,
-                                         after=after, before=before, limit=BATCH, offset=off))
-        offset += len(hits)
-        seen += len(hits)
-        for i, h in enumerate(hits):
-            if not pol.can_read(p.role, h.path):
-                continue  # never shown, never counted: a role learns nothing of these
-            hit = await _hit(ctx, idx, h, m, pat)
-            if hit is not None:
-                out.append(hit)
-                await report(ctx, len(out), limit, h.path)
-            if len(out) >= limit:
-                more = i + 1 < len(hits) or len(hits) == BATCH
+    async with ctx.gateway.audited(p, "search", prefix) as event:
+        pol = await anyio.to_thread.run_sync(ctx.gateway.policy, p)
+        pat = _pattern(m)
+        out: list[SearchHitModel] = []
+        seen, offset, more = 0, 0, False
+        while len(out) < limit and seen < MAX_SCANNED:
+            hits = await anyio.to_thread.run_sync(
+                lambda off=offset: idx.query(p.tenant, m, prefix=prefix, labels=labels,
+                                             after=after, before=before, limit=BATCH, offset=off))
+            offset += len(hits)
+            seen += len(hits)
+            for i, h in enumerate(hits):
+                if not pol.can_read(p.role, h.path):
+                    continue  # never shown, never counted: a role learns nothing of these
+                hit = await _hit(ctx, idx, h, m, pat)
+                if hit is not None:
+                    out.append(hit)
+                    await report(ctx, len(out), limit, h.path)
+                if len(out) >= limit:
+                    more = i + 1 < len(hits) or len(hits) == BATCH
+                    break
+            if len(hits) < BATCH:
                 break
-        if len(hits) < BATCH:
-            break
-    else:
-        more = more or seen >= MAX_SCANNED
+        else:
+            more = more or seen >= MAX_SCANNED
+        event.labels = sorted({lab for h in out for lab in h.labels})
     pending = (await anyio.to_thread.run_sync(idx.stats, p.tenant)).get("pending", 0)
     return SearchResult(query=query, results=out, more=more, pending=pending)
 
