@@ -94,6 +94,8 @@ def _logging(verbose: bool) -> None:
                    "repeatable.")
 @click.option("--max-reply-bytes", type=int, default=1 << 20, show_default=True,
               help="Largest data a tool returns inline; larger reads are paged.")
+@click.option("--max-resource-bytes", type=int, default=64 << 20, show_default=True,
+              help="Largest file a resources/read returns whole (read_file links to it).")
 @click.option("--max-write-bytes", type=int, default=16 << 20, show_default=True,
               help="Largest content one write carries (larger: append in pieces).")
 @click.option("--json-response", is_flag=True,
@@ -105,7 +107,8 @@ def _logging(verbose: bool) -> None:
 @click.pass_context
 def serve(ctx: click.Context, transport: str, host: str, port: int, tenant: str | None,
           agent: str | None, role: str, public_url: str | None, allow_origins: tuple[str, ...],
-          max_reply_bytes: int, max_write_bytes: int, json_response: bool, stdio_sdk: bool,
+          max_reply_bytes: int, max_resource_bytes: int, max_write_bytes: int,
+          json_response: bool, stdio_sdk: bool,
           verbose: bool) -> None:
     """Serve the MCP tools over stdio, streamable HTTP (/mcp) or SSE (/sse).
 
@@ -116,7 +119,8 @@ def serve(ctx: click.Context, transport: str, host: str, port: int, tenant: str 
         raise click.UsageError("--tenant and --agent go together")
     if max_reply_bytes < 4096 or max_write_bytes < 4096:
         raise click.UsageError("--max-reply-bytes and --max-write-bytes must be at least 4096")
-    limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes}
+    limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes,
+              "max_resource_bytes": max_resource_bytes}
     if transport == "stdio" and tenant is None and not os.environ.get("LODESTORE_TOKEN", "").strip():
         _fail("LODESTORE_TOKEN is not set: a stdio server runs as the agent whose token it "
               "holds; mint one with `lodestore agent add TENANT NAME` (or run `lodestore serve "

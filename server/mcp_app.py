@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import unquote
 
 import anyio
 import pydantic_core
@@ -46,6 +46,7 @@ from mcp_types import (
     ReadResourceRequestParams,
     ReadResourceResult,
     Resource,
+    ResourceLink,
     ResourceTemplate,
     TextContent,
     TextResourceContents,
@@ -56,6 +57,7 @@ from pydantic import BaseModel, ValidationError
 from governance.errors import Unauthorized
 from governance.principals import Principal
 from storage.errors import StorageError
+from tools.common import FILES_URI, resource_uri
 from tools.registry import ToolContext, ToolError, ToolSpec
 
 from .metrics import Metrics
@@ -64,8 +66,10 @@ from .wiring import App
 log = logging.getLogger("lodestore.mcp")
 
 DEFAULT_MAX_REPLY_BYTES = 1 << 20
+# a resource read is asked for by the host application, not typed into a model's context:
+# it may return a whole file up to this size (read_file links to files up to it)
+DEFAULT_MAX_RESOURCE_BYTES = 64 << 20
 DEFAULT_MAX_WRITE_BYTES = 16 << 20
-FILES_URI = "lodestore://files/"
 FILES_TEMPLATE = FILES_URI + "{path}"
 RESOURCE_LIST_MAX = 200
 
@@ -92,9 +96,6 @@ def _otel_configured() -> bool:
         os.environ.get("OTEL_SDK_DISABLED", "").lower() == "false"
 
 
-def resource_uri(path: str) -> str:
-    """The resource URI of a tenant-relative path (``/notes/a.md`` → ``lodestore://files/notes/a.md``)."""
-    return FILES_URI + quote(path.lstrip("/"), safe="/")
 
 
 def _schema_stub(spec: ToolSpec) -> Callable[..., Any]:
@@ -196,6 +197,7 @@ class LodestoreMCP:
 
     def __init__(self, app: App, identity: Identity, *, specs: Iterable[ToolSpec] | None = None,
                  max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+                 max_resource_bytes: int = DEFAULT_MAX_RESOURCE_BYTES,
                  max_write_bytes: int = DEFAULT_MAX_WRITE_BYTES, metrics: Metrics | None = None,
                  name: str = "lodestore", instructions: str | None = None) -> None:
         self.app = app
@@ -204,7 +206,9 @@ class LodestoreMCP:
         self.max_reply_bytes = max_reply_bytes
         self.metrics = metrics or Metrics()
         self.max_write_bytes = max_write_bytes
-        self.limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes}
+        self.max_resource_bytes = max(max_reply_bytes, max_resource_bytes)
+        self.limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes,
+                       "max_resource_bytes": self.max_resource_bytes}
         specs = load_tools() if specs is None else list(specs)
         self.entries: dict[str, _Entry] = {}
         tools: list[Tool] = []
@@ -337,8 +341,15 @@ class LodestoreMCP:
                           f"{entry.spec.name} produced a {len(text)}-byte reply, over this "
                           f"server's limit ({self.max_reply_bytes} bytes); ask for less "
                           "(a smaller length or limit, or page with offset)")
-        return CallToolResult(content=[TextContent(type="text", text=text)],
-                              structured_content=structured)
+        content: list[Any] = [TextContent(type="text", text=text)]
+        link = structured.get("resource_uri") if isinstance(structured, dict) else None
+        if isinstance(link, str) and link.startswith(FILES_URI):
+            # a file larger than one reply: clients that speak resources can fetch it whole
+            content.append(ResourceLink(
+                type="resource_link", uri=link, name=link.rsplit("/", 1)[-1] or "file",
+                mime_type=mimetypes.guess_type(link)[0] or "application/octet-stream",
+                size=structured.get("size")))
+        return CallToolResult(content=content, structured_content=structured)
 
     # -- resources -----------------------------------------------------------------------
 
@@ -385,7 +396,7 @@ class LodestoreMCP:
             path = "/" + unquote(uri[len(FILES_URI):].split("?", 1)[0].split("#", 1)[0])
             principal = await self._resource_principal(ctx)
             try:
-                res = await self.gateway.aread(principal, path, 0, self.max_reply_bytes)
+                res = await self.gateway.aread(principal, path, 0, self.max_resource_bytes)
             except StorageError as exc:
                 outcome = _outcome(exc)
                 raise MCPError(code=INVALID_PARAMS, message=str(exc), data={"uri": uri}) from None
@@ -393,7 +404,7 @@ class LodestoreMCP:
                 outcome = "invalid"
                 raise MCPError(code=INVALID_PARAMS, data={"uri": uri}, message=(
                     f"{path} is {res.info.size} bytes, more than a resource read returns "
-                    f"({self.max_reply_bytes}); read it in pages with the read_file tool "
+                    f"({self.max_resource_bytes}); read it in pages with the read_file tool "
                     "(offset and length)"))
             mime = mimetypes.guess_type(path)[0]
             meta = {"version": res.info.version}

@@ -317,3 +317,32 @@ def test_claude_config(store: dict[str, Any]) -> None:
             assert (await c.list_tools()).tools is not None
 
     asyncio.run(run())
+
+
+def test_large_read_offers_a_resource_link(store: dict[str, Any]) -> None:
+    home, token = store["home"], store["tokens"]["acme/bob"]
+    body = "".join(f"line {i:05d} of a long report\n" for i in range(600))  # ~17 KiB
+
+    async def run() -> None:
+        async with Client(_params(home, token, "--max-reply-bytes", "4096")) as c:
+            res = await c.call_tool("write_file", {"path": "/big/report.txt", "content": body})
+            assert not res.is_error, _text(res)
+            res = await c.call_tool("read_file", {"path": "/big/report.txt"})
+            sc = res.structured_content
+            assert sc["capped"] and sc["next_offset"] == 4096
+            assert sc["resource_uri"] == "lodestore://files/big/report.txt"
+            links = [x for x in res.content if getattr(x, "type", "") == "resource_link"]
+            assert len(links) == 1 and str(links[0].uri) == sc["resource_uri"]
+            assert links[0].size == len(body) and links[0].mime_type == "text/plain"
+            rr = await c.read_resource(str(links[0].uri))
+            assert rr.contents[0].text == body
+            # a file that fits in one reply has no link
+            res = await c.call_tool("read_file", {"path": "/big/report.txt", "offset": 0,
+                                                  "length": 100})
+            assert res.structured_content["resource_uri"] == sc["resource_uri"]
+            await c.call_tool("write_file", {"path": "/big/small.txt", "content": "tiny"})
+            res = await c.call_tool("read_file", {"path": "/big/small.txt"})
+            assert res.structured_content["resource_uri"] is None
+            assert [x.type for x in res.content] == ["text"]
+
+    asyncio.run(run())

@@ -21,6 +21,7 @@ import typing
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
@@ -33,6 +34,13 @@ from .registry import ToolContext, ToolError, tool
 log = logging.getLogger("lodestore.tools")
 
 MiB = 1 << 20
+FILES_URI = "lodestore://files/"  # files are MCP resources under FILES_URI + path
+
+
+def resource_uri(path: str) -> str:
+    """The resource URI of a tenant-relative path (``/notes/a.md`` → ``lodestore://files/notes/a.md``)."""
+    return FILES_URI + quote(path.lstrip("/"), safe="/")
+
 DEFAULT_MAX_REPLY_BYTES = 1 * MiB  # ctx.limits['max_reply_bytes']
 DEFAULT_MAX_WRITE_BYTES = 16 * MiB  # ctx.limits['max_write_bytes']
 

@@ -28,6 +28,7 @@ from .common import (
     iso,
     max_reply_bytes,
     report,
+    resource_uri,
     tool_error,
 )
 from .common import limit as limit_of
@@ -146,6 +147,9 @@ class ReadFileResult(BaseModel):
     redacted: dict[str, int] = Field(description="Entity type -> values removed on write")
     masked: list[str] = Field(description="Entity types masked ('*' per byte) for your role "
                                           "in this content")
+    resource_uri: str | None = Field(
+        None, description="When the file is larger than one reply: its resource URI, to "
+                          "fetch it whole with resources/read instead of paging")
 
 
 @governed_tool(
@@ -206,7 +210,9 @@ async def _read_one(ctx: ToolContext, path: str, offset: int, length: int | None
         size=size, version=info.version, modified=iso(info.mtime),
         next_offset=end if end < size else None, eof=end >= size,
         capped=end < size and (length is None or len(data) < length),
-        labels=labels, redacted=redacted, masked=list(res.masked))
+        labels=labels, redacted=redacted, masked=list(res.masked),
+        resource_uri=resource_uri(info.path)
+        if cap < size <= int(limit_of(ctx, "max_resource_bytes", 0) or 0) else None)
 
 
 # -- read_multiple_files ----------------------------------------------------------------
