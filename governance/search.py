@@ -1,8 +1,19 @@
-"""Full-text search over tenants' files: BM25 ranking on SQLite FTS5, governed end to end.
+"""Full-text search over tenants' files, governed end to end: SQLite FTS5 (BM25) in the
+embedded store, PostgreSQL full-text search where the store's metadata runs on PostgreSQL.
 
-One index database lives under the store home (``<home>/search/index.db``). Every row
-carries its tenant and every query is filtered by it. The index is fed by the gateway's
-write hooks and reads content only through the gateway:
+Where the index lives is chosen by the URL of the store's first metadata engine (one
+interface here, one module per engine holding its SQL):
+
+* ``sqlite:///…`` (the embedded default): one index database under the store home
+  (``<home>/search/index.db``), FTS5 with BM25 ranking (``search_sqlite``).
+* ``postgresql…``: tables ``search_docs`` and ``search_chunks`` in that engine's database,
+  a ``tsvector`` per piece of text under a GIN index, ranked by PostgreSQL's cover density
+  (``ts_rank_cd``; PostgreSQL has no BM25), so every server replica over the store shares
+  one index; indexing leases keep replicas from doing the same work twice
+  (``search_pg``).
+
+Every row carries its tenant and every query is filtered by it. The index is fed by the
+gateway's write hooks and reads content only through the gateway:
 
 * **What is indexed**: the file's text with *every* tagged entity span masked (``*`` per
   byte, whatever any role's clearance), so PII values never enter the index; redacted
@@ -23,8 +34,7 @@ write hooks and reads content only through the gateway:
 
 What a caller gets back is decided by the search tool, not here: it drops hits on paths
 the caller's role may not read and builds every snippet from the caller's own gateway
-read (masked for that role). PostgreSQL full-text search for stores whose metadata runs on
-PostgreSQL is not implemented: the index is SQLite FTS5 under the home in every setup.
+read (masked for that role). Scores are "higher is better" on both engines.
 """
 
 from __future__ import annotations
@@ -32,15 +42,13 @@ from __future__ import annotations
 import codecs
 import contextlib
 import heapq
-import json
 import logging
 import re
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from storage import FileInfo
 from storage.errors import NotFound, StorageError
@@ -69,29 +77,6 @@ MAX_TERMS = 32
 
 _INDEXES: dict[int, SearchIndex] = {}
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS docs (
-    id INTEGER PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    path TEXT NOT NULL,
-    version INTEGER NOT NULL,          -- the newest version the hooks reported
-    size INTEGER NOT NULL,
-    mtime REAL NOT NULL,
-    labels TEXT NOT NULL DEFAULT '[]', -- entity types of the newest version (JSON list)
-    state TEXT NOT NULL,               -- pending | indexed | skipped
-    detail TEXT,
-    role TEXT,                         -- the writer's role (the indexer prefers it)
-    indexed_version INTEGER,           -- the version whose text is in fts
-    indexed_at REAL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    UNIQUE (tenant, path)
-);
-CREATE INDEX IF NOT EXISTS docs_state ON docs (state, tenant);
-CREATE VIRTUAL TABLE IF NOT EXISTS fts USING fts5(
-    body, tenant UNINDEXED, tokenize = 'unicode61 remove_diacritics 2'
-);
-"""
-
 
 @dataclass(frozen=True)
 class IndexState:
@@ -109,15 +94,19 @@ class Hit:
     size: int
     mtime: float
     labels: list[str]
-    score: float  # higher is better (negated BM25)
+    score: float  # higher is better: negated BM25 (SQLite), ts_rank_cd cover density (PG)
 
 
 @dataclass(frozen=True)
 class Match:
-    """A user query as an FTS5 expression plus the words to highlight."""
+    """A user query as an FTS5 expression plus the words to highlight, and its parts (each
+    a word or phrase, the last word a prefix or not) from which other engines build their
+    own query."""
 
     expr: str
     terms: list[tuple[str, bool]]  # (word, is_prefix)
+    parts: tuple[tuple[tuple[str, ...], bool], ...] = ()  # ((words of a phrase), is_prefix)
+    mode: str = "all"  # 'all' parts must match, or 'any'
 
 
 _QUERY_TOKEN = re.compile(r'"([^"]*)"?|(\S+)')
@@ -130,6 +119,7 @@ def build_match(query: str, mode: str = "all") -> Match:
     not passed through, so no query can fail to parse or reach other columns."""
     parts: list[str] = []
     terms: list[tuple[str, bool]] = []
+    groups: list[tuple[tuple[str, ...], bool]] = []
     for m in _QUERY_TOKEN.finditer(query or ""):
         if m.group(1) is not None:
             words = _WORD.findall(m.group(1))
@@ -143,13 +133,15 @@ def build_match(query: str, mode: str = "all") -> Match:
         words = words[:MAX_TERMS]
         phrase = '"' + " ".join(words) + '"'
         parts.append(phrase + ("*" if prefix else ""))
+        groups.append((tuple(words), prefix))
         terms.extend((w, prefix and i == len(words) - 1) for i, w in enumerate(words))
         if len(terms) >= MAX_TERMS:
             break
     if not parts:
         raise ValueError("the query has no words to search for")
     joiner = " OR " if mode == "any" else " AND "
-    return Match(joiner.join(parts), terms[:MAX_TERMS])
+    return Match(joiner.join(parts), terms[:MAX_TERMS], tuple(groups),
+                 "any" if mode == "any" else "all")
 
 
 def mask_all(data: bytes, offset: int, spans: list[Any]) -> bytes:
@@ -186,27 +178,79 @@ def index_for(gateway: Gateway) -> SearchIndex | None:
     return _INDEXES.get(id(gateway))
 
 
-class SearchIndex:
-    """The FTS5 index of one store, fed by one gateway's hooks. Thread-safe."""
+class IndexStore(Protocol):
+    """What :class:`SearchIndex` needs of an engine (``search_sqlite``, ``search_pg``):
+    the rows of ``docs`` (tenant, path, version, size, mtime, state, detail, role,
+    indexed_version, attempts, …) and the indexed text, kept in step transactionally."""
 
-    def __init__(self, gateway: Gateway, db_path: str | Path, *, sync_bytes: int = SYNC_BYTES,
+    path: Path | None
+
+    def close(self) -> None: ...
+    def record(self, tenant: str, path: str, version: int, size: int, mtime: float,
+               labels: list[str], state: str, detail: str | None, role: str | None,
+               binary: bool) -> str: ...
+    def forget(self, tenant: str, path: str) -> None: ...
+    def rename(self, tenant: str, src: str, dst: str) -> int: ...
+    def set(self, doc_id: int, **values: Any) -> None: ...
+    def skip_binary(self, doc_id: int, version: int) -> None: ...
+    def claim(self, doc_id: int) -> bool: ...
+    def release(self, doc_id: int) -> None: ...
+    def store(self, doc_id: int, tenant: str, body: str, version: int, detail: str | None,
+              labels: list[str], size: int, mtime: float) -> None: ...
+    def pending(self) -> list[tuple[str, str]]: ...
+    def row(self, tenant: str, path: str) -> dict[str, Any] | None: ...
+    def stats(self, tenant: str) -> dict[str, int]: ...
+    def query(self, tenant: str, match: Match, *, prefix: str = "/",
+              labels: list[str] | None = None, after: float | None = None,
+              before: float | None = None, limit: int = 50, offset: int = 0) -> list[Hit]: ...
+    def locate(self, doc_id: int, terms: list[tuple[str, bool]]) -> int | None: ...
+
+
+def metadata_url(gateway: Gateway) -> str:
+    """The URL of the first metadata engine of the store behind ``gateway`` ('' if unknown)."""
+    from .gateway import _DOORS
+
+    vol = _DOORS.get(id(gateway))
+    engines = getattr(getattr(vol, "cfg", None), "engines", None) or []
+    return str(engines[0]) if engines else ""
+
+
+def open_store(gateway: Gateway, home: str | Path) -> IndexStore:
+    """The index store for the store behind ``gateway``: PostgreSQL where its metadata
+    runs on PostgreSQL, else SQLite FTS5 under ``home``."""
+    url = metadata_url(gateway)
+    if url.startswith("postgresql"):
+        from .search_pg import PgSearchStore
+
+        return PgSearchStore(url)
+    from .search_sqlite import SqliteSearchStore
+
+    return SqliteSearchStore(Path(home) / "search" / "index.db")
+
+
+class SearchIndex:
+    """The full-text index of one store, fed by one gateway's hooks. Thread-safe."""
+
+    def __init__(self, gateway: Gateway, db_path: str | Path | None = None, *,
+                 store: IndexStore | None = None, sync_bytes: int = SYNC_BYTES,
                  max_index_bytes: int = MAX_INDEX_BYTES,
                  other_door_delay_s: float = OTHER_DOOR_DELAY_S,
                  poll_s: float = POLL_S, start_worker: bool = True) -> None:
+        """``store`` is where the index lives; without it, ``db_path`` names a SQLite FTS5
+        database (:meth:`attach` picks the store by the metadata engine)."""
         self.gateway = gateway
-        self.path = Path(db_path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if store is None:
+            if db_path is None:
+                raise ValueError("give the index a store or a SQLite database path")
+            from .search_sqlite import SqliteSearchStore
+
+            store = SqliteSearchStore(db_path)
+        self.store = store
+        self.path = store.path
         self.sync_bytes = sync_bytes
         self.max_index_bytes = max_index_bytes
         self.other_door_delay_s = other_door_delay_s
         self.poll_s = poll_s
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False,
-                                   isolation_level=None, timeout=10.0)
-        self._dbl = threading.RLock()
-        with self._dbl:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.executescript(_SCHEMA)
         self._stripes = [threading.Lock() for _ in range(64)]
         self._local = threading.local()
         self._queue: list[tuple[float, int, str, str]] = []
@@ -222,7 +266,7 @@ class SearchIndex:
         """Start the background worker (queues what earlier runs left pending)."""
         if self._worker is not None:
             return
-        for tenant, path in self._all_pending():
+        for tenant, path in self.store.pending():
             self._enqueue(tenant, path, time.monotonic())
         self._worker = threading.Thread(target=self._run, name="lodestore-search-indexer",
                                         daemon=True)
@@ -232,17 +276,19 @@ class SearchIndex:
 
     @classmethod
     def attach(cls, gateway: Gateway, home: str | Path, **kw: Any) -> SearchIndex:
-        """Open ``<home>/search/index.db``, subscribe to the gateway's hooks, and make the
-        index findable with :func:`index_for`. Close it with :meth:`close`."""
-        idx = cls(gateway, Path(home) / "search" / "index.db", **kw)
+        """Open the store's index (``<home>/search/index.db``, or the tables in the
+        PostgreSQL database of the first metadata engine), subscribe to the gateway's
+        hooks, and make the index findable with :func:`index_for`. Close it with
+        :meth:`close`."""
+        idx = cls(gateway, store=open_store(gateway, home), **kw)
         gateway.hooks.append(idx.on_change)
         _INDEXES[id(gateway)] = idx
         return idx
 
     def close(self) -> None:
         """Unsubscribe, stop the worker (what is pending stays pending in the database and
-        is picked up by the next index over this home), close the database. Call it before
-        closing the gateway."""
+        is picked up by the next index over this store), close the database. Call it
+        before closing the gateway."""
         with contextlib.suppress(ValueError):
             self.gateway.hooks.remove(self.on_change)
         if _INDEXES.get(id(self.gateway)) is self:
@@ -252,8 +298,7 @@ class SearchIndex:
             self._cv.notify_all()
         if self._worker is not None:
             self._worker.join(timeout=30)
-        with self._dbl:
-            self._db.close()
+        self.store.close()
 
     # -- the write hook -----------------------------------------------------------------
 
@@ -280,73 +325,22 @@ class SearchIndex:
     def _record(self, tenant: str, info: FileInfo, role: str | None) -> None:
         """A new version exists: remember it as pending (or skipped) and queue it."""
         attrs = info.attrs or {}
-        labels = json.dumps(sorted(attrs.get("labels") or []))
+        labels = sorted(attrs.get("labels") or [])
         binary = attrs.get("scanned") == "binary"
         state = "skipped" if binary else "pending"
         detail = "binary content is not indexed" if binary else None
-        with self._dbl:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT id, indexed_version FROM docs "
-                                       "WHERE tenant=? AND path=?", (tenant, info.path)).fetchone()
-                if row is None:
-                    self._db.execute(
-                        "INSERT INTO docs (tenant, path, version, size, mtime, labels, state, "
-                        "detail, role) VALUES (?,?,?,?,?,?,?,?,?)",
-                        (tenant, info.path, info.version, info.size, info.mtime, labels, state,
-                         detail, role))
-                else:
-                    if row[1] == info.version and not binary:
-                        state = "indexed"  # a no-op notification of what is indexed
-                    self._db.execute(
-                        "UPDATE docs SET version=?, size=?, mtime=?, labels=?, state=?, detail=?, "
-                        "role=?, attempts=0 WHERE id=?",
-                        (info.version, info.size, info.mtime, labels, state, detail, role, row[0]))
-                    if binary:
-                        self._db.execute("DELETE FROM fts WHERE rowid=?", (row[0],))
-                        self._db.execute("UPDATE docs SET indexed_version=NULL WHERE id=?",
-                                         (row[0],))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        state = self.store.record(tenant, info.path, info.version, info.size, info.mtime,
+                                  labels, state, detail, role, binary)
         if state == "pending":
             delay = 0.0 if info.size > self.sync_bytes else self.other_door_delay_s
             self._enqueue(tenant, info.path, time.monotonic() + delay)
 
-    def _subtree(self, column: str = "path") -> str:
-        return f"({column} = :p OR substr({column}, 1, :n) = :pd)"
-
     def _forget(self, tenant: str, path: str) -> None:
-        args = {"t": tenant, "p": path, "pd": path.rstrip("/") + "/", "n": len(path) + 1}
-        where = "tenant = :t AND " + self._subtree()
-        with self._dbl:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(f"DELETE FROM fts WHERE rowid IN (SELECT id FROM docs WHERE "
-                                 f"{where})", args)
-                self._db.execute(f"DELETE FROM docs WHERE {where}", args)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self.store.forget(tenant, path)
 
     def _rename(self, tenant: str, src: str, dst: str, info: FileInfo, role: str) -> None:
         """Entries under ``src`` now live under ``dst`` (content unchanged)."""
-        self._forget(tenant, dst)  # whatever the move replaced
-        args = {"t": tenant, "p": src, "pd": src + "/", "n": len(src) + 1, "dst": dst,
-                "cut": len(src) + 1}
-        with self._dbl:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute(
-                    "UPDATE docs SET path = :dst || substr(path, :cut) WHERE tenant = :t AND "
-                    + self._subtree(), args)
-                moved = cur.rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        moved = self.store.rename(tenant, src, dst)  # whatever the move replaced goes
         if not info.is_dir and (moved == 0 or self._row(tenant, dst) is None):
             self._record(tenant, info, role)  # never indexed before: index it now
         elif not info.is_dir:
@@ -363,11 +357,6 @@ class SearchIndex:
             self._seq += 1
             heapq.heappush(self._queue, (due, self._seq, tenant, path))
             self._cv.notify()
-
-    def _all_pending(self) -> list[tuple[str, str]]:
-        with self._dbl:
-            return [(r[0], r[1]) for r in self._db.execute(
-                "SELECT tenant, path FROM docs WHERE state='pending'")]
 
     def _run(self) -> None:
         next_poll = time.monotonic() + self.poll_s
@@ -390,11 +379,11 @@ class SearchIndex:
                 if not poll:
                     _due, _seq, tenant, path = heapq.heappop(self._queue)
                     self._busy += 1
-            if poll:  # pending rows left by other processes (the CLI) or earlier runs
+            if poll:  # pending rows left by other processes (the CLI, replicas) or earlier runs
                 next_poll = time.monotonic() + self.poll_s
                 try:
-                    pending = self._all_pending()
-                except sqlite3.Error:
+                    pending = self.store.pending()
+                except Exception:  # noqa: BLE001 - the database may be away for a while
                     log.exception("polling the search index failed")
                     continue
                 with self._cv:
@@ -447,16 +436,27 @@ class SearchIndex:
         return self.state(tenant, info.path)
 
     def _row(self, tenant: str, path: str) -> dict[str, Any] | None:
-        with self._dbl:
-            cur = self._db.execute("SELECT * FROM docs WHERE tenant=? AND path=?", (tenant, path))
-            r = cur.fetchone()
-            return None if r is None else dict(zip([d[0] for d in cur.description], r,
-                                                   strict=True))
+        return self.store.row(tenant, path)
 
     def _set(self, doc_id: int, **values: Any) -> None:
-        cols = ", ".join(f"{k}=?" for k in values)
-        with self._dbl:
-            self._db.execute(f"UPDATE docs SET {cols} WHERE id=?", (*values.values(), doc_id))
+        self.store.set(doc_id, **values)
+
+    def _claim(self, tenant: str, path: str, row: dict[str, Any],
+               wait_s: float) -> dict[str, Any] | None:
+        """Take the row's indexing lease (another process may be indexing it: the worker
+        leaves it to that one, a flush waits up to ``wait_s`` for it); the row to index,
+        or None when there is nothing (left) to do here."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if self.store.claim(row["id"]):
+                return row
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+            fresh = self._row(tenant, path)
+            if fresh is None or fresh["state"] != "pending":
+                return None
+            row = fresh
 
     def _index(self, tenant: str, path: str, max_size: int | None) -> None:
         lock = self._stripes[hash((tenant, path)) % len(self._stripes)]
@@ -466,6 +466,10 @@ class SearchIndex:
                 return
             if max_size is not None and row["size"] > max_size:
                 return  # the worker takes it
+            claimed = self._claim(tenant, path, row, 2.0 if max_size is not None else 0.0)
+            if claimed is None:
+                return  # another process is indexing it
+            row = claimed
             try:
                 self._index_row(tenant, path, row)
             except NotFound:
@@ -482,6 +486,8 @@ class SearchIndex:
                 else:
                     self._set(row["id"], attempts=attempts, detail=f"retrying ({exc.code})")
                     self._enqueue(tenant, path, time.monotonic() + 0.5 * 2 ** attempts)
+            finally:
+                self.store.release(row["id"])
 
     def _index_row(self, tenant: str, path: str, row: dict[str, Any]) -> None:
         gw = self.gateway
@@ -498,10 +504,7 @@ class SearchIndex:
         spans = list(attrs.get("spans") or [])
         scanned = attrs.get("scanned")
         if scanned == "binary" or (scanned != "text" and is_binary(first.data[: 64 << 10])):
-            self._set(row["id"], state="skipped", detail="binary content is not indexed",
-                      version=info.version)
-            with self._dbl:
-                self._db.execute("DELETE FROM fts WHERE rowid=?", (row["id"],))
+            self.store.skip_binary(row["id"], info.version)
             return
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         text = [decoder.decode(mask_all(first.data, 0, spans))]
@@ -517,31 +520,8 @@ class SearchIndex:
         body = "".join(text)
         detail = (f"only the first {self.max_index_bytes // MiB} MiB are indexed"
                   if nxt is not None else None)
-        with self._dbl:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = self._db.execute("SELECT version FROM docs WHERE id=?", (row["id"],))
-                now_row = cur.fetchone()
-                if now_row is None:  # deleted meanwhile
-                    self._db.execute("COMMIT")
-                    return
-                self._db.execute("DELETE FROM fts WHERE rowid=?", (row["id"],))
-                self._db.execute("INSERT INTO fts (rowid, body, tenant) VALUES (?,?,?)",
-                                 (row["id"], body, tenant))
-                newest = now_row[0]
-                state = "indexed" if newest == info.version else "pending"
-                self._db.execute(
-                    "UPDATE docs SET state=?, detail=?, indexed_version=?, indexed_at=?, "
-                    "attempts=0 WHERE id=?",
-                    (state, detail, info.version, time.time(), row["id"]))
-                if newest == info.version:
-                    self._db.execute("UPDATE docs SET labels=?, size=?, mtime=? WHERE id=?",
-                                     (json.dumps(sorted(attrs.get("labels") or [])), info.size,
-                                      info.mtime, row["id"]))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        self.store.store(row["id"], tenant, body, info.version, detail,
+                         sorted(attrs.get("labels") or []), info.size, info.mtime)
 
     # -- reading the index --------------------------------------------------------------
 
@@ -552,60 +532,30 @@ class SearchIndex:
         return IndexState(row["state"], row["detail"], row["indexed_version"])
 
     def stats(self, tenant: str) -> dict[str, int]:
-        with self._dbl:
-            rows = self._db.execute("SELECT state, count(*) FROM docs WHERE tenant=? "
-                                    "GROUP BY state", (tenant,)).fetchall()
         out = {"indexed": 0, "pending": 0, "skipped": 0}
-        out.update({r[0]: r[1] for r in rows})
+        out.update(self.store.stats(tenant))
         return out
 
     def query(self, tenant: str, match: Match, *, prefix: str = "/",
               labels: list[str] | None = None, after: float | None = None,
               before: float | None = None, limit: int = 50, offset: int = 0) -> list[Hit]:
-        """Hits of ``match`` within ``tenant``, best first (BM25). Filters: path prefix,
+        """Hits of ``match`` within ``tenant``, best first (BM25 on SQLite, cover density
+        on PostgreSQL; ``score`` is higher for better hits on both). Filters: path prefix,
         any of ``labels``, modified time in [after, before)."""
-        sql = ["SELECT d.id, d.path, d.version, d.indexed_version, d.size, d.mtime, d.labels, "
-               "bm25(fts) AS score FROM fts JOIN docs d ON d.id = fts.rowid "
-               "WHERE fts MATCH :q AND fts.tenant = :t AND d.tenant = :t"]
-        args: dict[str, Any] = {"q": match.expr, "t": tenant, "lim": limit, "off": offset}
-        if prefix and prefix != "/":
-            sql.append("AND " + self._subtree("d.path"))
-            args.update(p=prefix, pd=prefix + "/", n=len(prefix) + 1)
-        if after is not None:
-            sql.append("AND d.mtime >= :after")
-            args["after"] = after
-        if before is not None:
-            sql.append("AND d.mtime < :before")
-            args["before"] = before
-        if labels:
-            names = [f":l{i}" for i in range(len(labels))]
-            sql.append("AND EXISTS (SELECT 1 FROM json_each(d.labels) j WHERE j.value IN ("
-                       + ", ".join(names) + "))")
-            args.update({f"l{i}": v for i, v in enumerate(labels)})
-        sql.append("ORDER BY score LIMIT :lim OFFSET :off")
-        with self._dbl:
-            rows = self._db.execute(" ".join(sql), args).fetchall()
-        return [Hit(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6] or "[]"),
-                    -float(r[7])) for r in rows]
+        return self.store.query(tenant, match, prefix=prefix, labels=labels, after=after,
+                                before=before, limit=limit, offset=offset)
 
     def locate(self, doc_id: int, terms: list[tuple[str, bool]]) -> int | None:
-        """The byte offset of the first of ``terms`` found in the indexed text (a hint
-        for where to read a snippet; the index text is masked, so offsets match the file
-        as long as the indexed version is current)."""
-        with self._dbl:
-            for word, _prefix in terms:
-                r = self._db.execute(
-                    "SELECT instr(lower(body), :w) AS i, "
-                    "length(CAST(substr(body, 1, max(instr(lower(body), :w) - 1, 0)) AS BLOB)) "
-                    "FROM fts WHERE rowid = :id", {"w": word.lower(), "id": doc_id}).fetchone()
-                if r is not None and r[0]:
-                    return int(r[1])
-        return None
+        """The byte offset of a place where one of ``terms`` occurs in the indexed text (a
+        hint for where to read a snippet; the index text is masked, so offsets match the
+        file as long as the indexed version is current)."""
+        return self.store.locate(doc_id, terms)
 
     def drop(self, tenant: str, path: str) -> None:
         """Forget a path the gateway says no longer exists."""
         self._forget(tenant, path)
 
 
-__all__ = ["SearchIndex", "IndexState", "Hit", "Match", "build_match", "index_for",
-           "mask_all", "reader_role", "SYNC_BYTES", "MAX_INDEX_BYTES", "INDEXER_AGENT"]
+__all__ = ["SearchIndex", "IndexState", "IndexStore", "Hit", "Match", "build_match",
+           "index_for", "open_store", "mask_all", "reader_role", "SYNC_BYTES",
+           "MAX_INDEX_BYTES", "INDEXER_AGENT"]

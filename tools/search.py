@@ -1,4 +1,5 @@
-"""Full-text search: BM25-ranked hits with snippets, governed for the caller.
+"""Full-text search: ranked hits with snippets (BM25 on SQLite FTS5, cover density on
+PostgreSQL), governed for the caller.
 
 The index (``governance.search``) holds every file's text with all PII spans masked, so a
 PII value can never be found by search. This tool then keeps only hits on paths the
@@ -33,7 +34,8 @@ _WORDCH = r"[^\W_]"  # FTS5's unicode61 tokenizer splits on '_' too
 
 class SearchHitModel(BaseModel):
     path: str
-    score: float = Field(description="BM25 relevance (higher is better)")
+    score: float = Field(description="Relevance, higher is better (BM25 on the embedded "
+                                     "store, cover density on PostgreSQL)")
     snippet: str = Field(description="Text around the match as your role may read it; "
                                      "matched words are wrapped in « »")
     snippet_offset: int = Field(description="Byte offset in the file near which the snippet "
