@@ -122,6 +122,7 @@ _BODY = FIELDS[1:-2]  # the caller-supplied fields, in canonical order
 _SEG_RE = re.compile(r"^seg-(\d{16})\.(jsonl|parquet)$")
 _LOCK, _ROLL_LOCK, _HEAD, _SNAP = "audit.lock", "roll.lock", "HEAD", ".snap"
 _HEAD_SYNC_S = 1.0
+LAZY_SYNC_S = 0.05  # events appended with durable=False are fsynced within this
 _MAX_STR = 8192
 _LABEL_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,63}$")
 _CODE_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.:\-]{0,63}$")
@@ -380,12 +381,14 @@ def _jsonl_to_table(raw: bytes, first: int):
 
 
 class _Pending:
-    __slots__ = ("event", "body", "done", "error", "future", "loop")
+    __slots__ = ("event", "body", "done", "error", "future", "loop", "durable")
 
-    def __init__(self, event: AuditEvent, body: str, future=None, loop=None) -> None:
+    def __init__(self, event: AuditEvent, body: str, future=None, loop=None,
+                 durable: bool = True) -> None:
         self.event, self.body = event, body
         self.done, self.error = False, None
         self.future, self.loop = future, loop
+        self.durable = durable
 
 
 @dataclass
@@ -464,6 +467,10 @@ class AuditLog:
         self._stale = True
         self._sealed_waiting = False
         self._pq_cache: dict[str, tuple[int, int, int, str]] = {}
+        # events appended with durable=False: written, fsynced within LAZY_SYNC_S
+        self._dirty_since: float | None = None
+        self._flusher: threading.Thread | None = None
+        self._flush_wake = threading.Event()
         try:
             self._dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -487,9 +494,15 @@ class AuditLog:
 
     # ------------------------------------------------------------------ public: append
 
-    def append(self, event: AuditEvent) -> None:
-        """Write one event durably; fills ``event.seq``, ``prev_hash`` and ``hash``."""
-        entry = _Pending(event, _body_json(event))
+    def append(self, event: AuditEvent, durable: bool = True) -> None:
+        """Write one event; fills ``event.seq``, ``prev_hash`` and ``hash``.
+
+        ``durable`` (the default): fsynced before this returns. ``durable=False`` (allowed
+        reads): written to the file before this returns, so a killed process never loses
+        it, and fsynced within ``LAZY_SYNC_S`` (or with the next durable event), as
+        auditd's ``incremental_async`` flush does; only a power cut in that window can
+        lose it. Either way a failed write raises and the operation fails."""
+        entry = _Pending(event, _body_json(event), durable=durable)
         with self._cond:
             if self._closed:
                 raise AuditWriteError("the audit log is closed; the operation cannot be audited")
@@ -504,12 +517,12 @@ class AuditLog:
         if entry.error is not None:
             raise entry.error
 
-    async def append_async(self, event: AuditEvent) -> None:
+    async def append_async(self, event: AuditEvent, durable: bool = True) -> None:
         """Like :meth:`append`, without blocking the event loop (the batch is written on a
         commit thread). Cancelling the caller does not withdraw the event."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        entry = _Pending(event, _body_json(event), fut, loop)
+        entry = _Pending(event, _body_json(event), fut, loop, durable)
         with self._cond:
             if self._closed:
                 raise AuditWriteError("the audit log is closed; the operation cannot be audited")
@@ -671,10 +684,11 @@ class AuditLog:
             prev = h
         data = "".join(lines).encode("ascii")
         start = self._size
+        sync = self._fsync and any(p.durable for p in batch)
         try:
             write_all(self._fd, data)
-            if self._fsync:
-                _datasync(self._fd)
+            if sync:
+                _datasync(self._fd)  # covers every earlier lazy event of this segment too
         except OSError as exc:
             self._cut_back(start)
             raise AuditWriteError(
@@ -683,7 +697,41 @@ class AuditLog:
             ) from exc
         self._size = start + len(data)
         self._seq, self._hash = seq, prev
+        if sync:
+            self._dirty_since = None
+        elif self._fsync and self._dirty_since is None:
+            self._dirty_since = time.monotonic()
+            self._start_flusher()
         self._write_head(sync=False)
+
+    def _start_flusher(self) -> None:
+        self._flush_wake.set()
+        if self._flusher is None or not self._flusher.is_alive():
+            self._flusher = threading.Thread(target=self._flush_loop, daemon=True,
+                                             name="audit-lazy-sync")
+            self._flusher.start()
+
+    def _flush_loop(self) -> None:
+        """fsync lazily written events at most LAZY_SYNC_S after the first of them."""
+        while not self._closed:
+            self._flush_wake.wait(1.0)
+            self._flush_wake.clear()
+            since = self._dirty_since
+            if since is None:
+                continue
+            delay = since + LAZY_SYNC_S - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            self._sync_lazy()
+
+    def _sync_lazy(self) -> None:
+        with self._io:
+            if self._dirty_since is not None and self._fd is not None:
+                try:
+                    _datasync(self._fd)
+                    self._dirty_since = None
+                except OSError:
+                    log.exception("audit log fsync failed; retrying with the next event")
 
     def _cut_back(self, size: int) -> None:
         try:
@@ -740,6 +788,9 @@ class AuditLog:
     def _seal_locked(self) -> None:
         """Start the successor of the active segment. The full one is now sealed (nobody
         appends to a segment that has a successor) and left to the converter."""
+        if self._dirty_since is not None and self._fd is not None:
+            _datasync(self._fd)  # a sealed segment is whole on disk
+            self._dirty_since = None
         old, old_first, old_size = self._fd, self._seg_first, self._size
         self._fd = None
         try:
@@ -1276,7 +1327,12 @@ class AuditLog:
             conv = self._conv_thread
         if conv is not None:
             conv.join(timeout=120)
+        self._flush_wake.set()
         with self._io:
+            if self._dirty_since is not None and self._fd is not None:
+                with contextlib.suppress(OSError):
+                    _datasync(self._fd)
+                self._dirty_since = None
             if self._head_fd is not None and self._fsync:
                 with contextlib.suppress(OSError):
                     _datasync(self._head_fd)

@@ -45,6 +45,14 @@ T = TypeVar("T")
 # from the object it is handed leads around the door.
 _DOORS: dict[int, Volume] = {}
 RESERVED = "/" + paths.RESERVED_ROOT
+# Operations that change nothing. Their allowed (or masked) events are written before the
+# call returns and fsynced within audit.LAZY_SYNC_S; every other event (writes, deletes,
+# refusals, errors) is fsynced before the call returns.
+READ_OPS = frozenset({
+    "read_file", "read_multiple_files", "get_file_info", "list_directory", "find_files",
+    "search", "query_table", "storage_status", "session_context", "list_sessions", "recall",
+    "kv_get", "kv_lookup", "kv_exists", "kv_list", "kv_model", "kv_models", "kv_hashes",
+    "kv_get_object", "kv_exists_object", "kv_list_objects"})
 
 _BOMS = ((b"\xef\xbb\xbf", "utf-8"), (b"\xff\xfe\x00\x00", "utf-32-le"),
          (b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe", "utf-16-le"),
@@ -186,7 +194,9 @@ class Gateway:
             if isinstance(exc, DeniedByPolicy):
                 ev.labels = list(exc.entity_types)
             ev.error = getattr(exc, "code", type(exc).__name__)
-        self._audit.append(ev)  # raises AuditWriteError: then the call fails
+        durable = exc is not None or ev.operation not in READ_OPS or \
+            ev.decision not in ("allow", "masked")
+        self._audit.append(ev, durable)  # raises AuditWriteError: then the call fails
 
     @contextlib.asynccontextmanager
     async def audited(self, p: Principal, op: str, path: str | None = None

@@ -725,3 +725,51 @@ def test_failed_roll_keeps_appending_and_retries(tmp_path, monkeypatch):
     assert len(segs(d, "parquet")) == 4
     rep = log.verify()
     assert rep.ok and rep.events == 26
+
+
+def test_lazy_events_are_written_at_once_and_fsynced_soon(tmp_path):
+    """durable=False (allowed reads): in the file when append returns (a killed process
+    loses nothing), fsynced within LAZY_SYNC_S; a durable event syncs everything before."""
+    from governance.audit import LAZY_SYNC_S
+
+    log = AuditLog(tmp_path / "audit", fsync=True)
+    try:
+        log.append(AuditEvent(tenant="acme", agent="a", operation="read_file",
+                              path="/lazy-1.md"), durable=False)
+        seg = sorted((tmp_path / "audit").glob("seg-*.jsonl"))[-1]
+        assert b"/lazy-1.md" in seg.read_bytes()  # written before append returned
+        assert log._dirty_since is not None  # not yet fsynced
+        deadline = time.monotonic() + LAZY_SYNC_S + 1.0
+        while log._dirty_since is not None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert log._dirty_since is None, "the lazy event was not fsynced in time"
+        log.append(AuditEvent(tenant="acme", agent="a", operation="read_file",
+                              path="/lazy-2.md"), durable=False)
+        log.append(AuditEvent(tenant="acme", agent="a", operation="write_file",
+                              path="/durable.md"))
+        assert log._dirty_since is None  # the durable event's fsync covered the lazy one
+    finally:
+        log.close()
+    assert log.verify().ok
+
+
+def test_gateway_fsyncs_writes_and_refusals_at_once_and_reads_lazily(tmp_path):
+    from server.wiring import open_app
+    from storage import StoreConfig, Volume
+
+    home = tmp_path / "home"
+    Volume.init(home, StoreConfig.embedded(home)).close()  # durability fsync
+    app = open_app(home)
+    try:
+        app.principals.add_tenant("acme")
+        p = app.gateway.authenticate(app.principals.add_agent("acme", "bot"))
+        audit = app.audit
+        app.gateway.write(p, "/a.md", b"hello")
+        assert audit._dirty_since is None
+        app.gateway.read(p, "/a.md")
+        assert audit._dirty_since is not None  # an allowed read: lazy
+        with pytest.raises(Exception):  # noqa: B017 - any refusal
+            app.gateway.read(p, "/missing.md")
+        assert audit._dirty_since is None  # an error event is fsynced at once
+    finally:
+        app.close()
