@@ -64,6 +64,10 @@ class _LRU:
             self.d.pop(key, None)
 
 
+# column fetches started ahead: (lo, hi) of the share columns and share index -> future
+Prefetch = tuple[int, int, dict[int, Future]]
+
+
 class WriteBatch:
     """Work a multi-chunk write finishes once, before it commits its entry: registry
     updates (one transaction per engine) and deferred folder fsyncs (one per folder)."""
@@ -236,6 +240,7 @@ class ChunkStore:
         i0, i1 = start // s, (end - 1) // s
         pieces = [(i, max(start, i * s) - i * s, min(end, (i + 1) * s) - i * s)
                   for i in range(i0, i1 + 1)]
+        pre: Prefetch | None = None
         if len(pieces) == 1 and not self._skip(rec, i0):
             i, a, b = pieces[0]
             try:
@@ -244,15 +249,36 @@ class ChunkStore:
                 self._note_failure(rec, i, exc)
                 got: dict[int, list[memoryview]] = {}
         else:
+            pre = self._prefetch_parity(rec, pieces)
             got = self._gather(rec, [(i, a, b) for i, a, b in pieces])
         if len(got) == len(pieces):
             return b"".join([p for i, _a, _b in pieces for p in got[i]])
         fresh = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
         if fresh.placement != rec.placement:
+            for f in (pre[2] if pre else {}).values():
+                f.cancel()
             return self.read(tenant, cid, start, end)
         have = {i: b"".join(parts) for i, parts in got.items()}
-        have.update(self._degraded(rec, pieces, have))
+        have.update(self._degraded(rec, pieces, have, pre))
         return b"".join(have[i] for i, _a, _b in pieces)
+
+    def _prefetch_parity(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]]
+                         ) -> Prefetch | None:
+        """When data shares of the read sit on targets known to be down, start fetching
+        as many parity columns in the same round as the healthy data shares, instead of
+        a second round after them (a degraded read then costs one I/O latency, not two)."""
+        down = [(i, a, b) for i, a, b in pieces if self._skip(rec, i)]
+        if not down:
+            return None
+        lo, hi = min(a for _i, a, _b in down), max(b for _i, _a, b in down)
+        # the healthy data shares of this read that cover [lo, hi) are columns already
+        covered = sum(1 for i, a, b in pieces if not self._skip(rec, i) and a <= lo and b >= hi)
+        want = rec.k - covered
+        spare = [i for i in range(rec.k, rec.m) if not self._skip(rec, i)]
+        spare += [i for i in range(rec.k) if i not in {p[0] for p in pieces}
+                  and not self._skip(rec, i)]
+        return lo, hi, {i: self.io.submit(self._fetch_range, rec, i, lo, hi)
+                        for i in spare[:max(0, want)]}
 
     def _skip(self, rec: ChunkRecord, i: int) -> bool:
         tid = rec.placement[i] if i < len(rec.placement) else ""
@@ -276,8 +302,10 @@ class ChunkStore:
         return got
 
     def _degraded(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]],
-                  have: dict[int, bytes]) -> dict[int, bytes]:
-        """Rebuild the pieces missing from ``have`` from any k shares' column ranges."""
+                  have: dict[int, bytes], pre: Prefetch | None = None
+                  ) -> dict[int, bytes]:
+        """Rebuild the pieces missing from ``have`` from any k shares' column ranges
+        (``pre``: column fetches already started by ``_prefetch_parity``)."""
         missing = [(i, a, b) for i, a, b in pieces if i not in have]
         lo = min(a for _i, a, _b in missing)
         hi = max(b for _i, _a, b in missing)
@@ -286,10 +314,20 @@ class ChunkStore:
             if i in have and a <= lo and b >= hi:
                 cols[i] = have[i][lo - a : hi - a]
         failed = {i for i, _a, _b in missing}
+        errors: list[str] = []
+        for i, fut in (pre[2] if pre else {}).items():
+            if (pre[0], pre[1]) != (lo, hi) or len(cols) >= rec.k or i in cols:
+                fut.cancel()
+                continue
+            try:
+                cols[i] = fut.result()
+            except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                self._note_failure(rec, i, exc)
+                failed.add(i)
+                errors.append(f"share {i}: {exc}")
         candidates = [i for i in range(rec.m) if i not in cols and i not in failed]
         # data shares first (no decode work for them), then parity; down targets last
         candidates.sort(key=lambda i: (self._skip(rec, i), i >= rec.k, i))
-        errors: list[str] = []
         while len(cols) < rec.k:
             need = rec.k - len(cols)
             batch, candidates = candidates[:need], candidates[need:]

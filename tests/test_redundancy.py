@@ -184,3 +184,18 @@ def test_stale_fragment_from_other_chunk_is_rejected(tmp_path):
     assert vol.read("acme", "/a", 100, 10) == a[100:110]
     assert not scrub(vol).clean
     vol.close()
+
+
+def test_a_removed_target_folder_is_marked_down_and_read_around_in_one_round(tmp_path, data):
+    """A missing folder (an unmounted disk) is a down target, not a lost fragment: readers
+    skip it for a while, and fetch parity alongside the healthy data shares."""
+    vol = make_volume(tmp_path / "home")
+    write_all(vol, data)
+    vol = reopen(vol)
+    os.rename(tmp_path / "home" / "targets" / "t0", tmp_path / "home" / "targets" / "t0.gone")
+    os.rename(tmp_path / "home" / "targets" / "t3", tmp_path / "home" / "targets" / "t3.gone")
+    check_all(vol, data)
+    assert vol.chunks.is_down("t0") and vol.chunks.is_down("t3")
+    assert not vol.chunks.is_down("t1")
+    check_all(vol, data)  # again, with both known down from the start
+    vol.close()

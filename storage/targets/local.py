@@ -88,6 +88,15 @@ class LocalDirTarget(Target):
             raise ValueError(f"bad fragment key {key!r}")
         return os.path.join(self.root, key)
 
+    def _missing(self, key: str) -> NotFound | TargetUnavailable:
+        """A fragment is absent: lost (NotFound), or the whole folder is gone (an unmounted
+        or removed disk: TargetUnavailable, so readers skip this target for a while)."""
+        if not os.path.exists(os.path.join(self.root, MARKER)):
+            return TargetUnavailable(f"target {self.id}: folder {self.root} is missing or "
+                                     "not a Lodestore target; restore it or run `lodestore "
+                                     "repair` to rebuild its shares elsewhere")
+        return NotFound(f"fragment {key} not on target {self.id}")
+
     def _unavailable(self, exc: OSError, what: str) -> TargetUnavailable:
         return TargetUnavailable(f"target {self.id} ({self.root}): {what} failed: {exc.strerror or exc}")
 
@@ -158,7 +167,7 @@ class LocalDirTarget(Target):
             fd = self._fds.get(path)
             return os.pread(fd, length, start)
         except FileNotFoundError as exc:
-            raise NotFound(f"fragment {key} not on target {self.id}") from exc
+            raise self._missing(key) from exc
         except OSError as exc:
             self._fds.drop(path)
             if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry once
