@@ -98,6 +98,14 @@ def _logging(verbose: bool) -> None:
               help="Largest file a resources/read returns whole (read_file links to it).")
 @click.option("--max-write-bytes", type=int, default=16 << 20, show_default=True,
               help="Largest content one write carries (larger: append in pieces).")
+@click.option("--kv-hot-mib", type=click.IntRange(min=0), default=512, show_default=True,
+              help="Token warehouse (/v1/kv): memory for hot KV-cache blocks.")
+@click.option("--kv-capacity-gib", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Token warehouse: per-tenant block capacity; least recently used blocks "
+                   "are evicted past it (default: no limit).")
+@click.option("--kv-ttl", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Token warehouse: seconds a block lives unless its put says otherwise "
+                   "(default: no expiry).")
 @click.option("--json-response", is_flag=True,
               help="HTTP: answer POSTs with plain JSON instead of an SSE stream (no progress "
                    "notifications).")
@@ -108,6 +116,7 @@ def _logging(verbose: bool) -> None:
 def serve(ctx: click.Context, transport: str, host: str, port: int, tenant: str | None,
           agent: str | None, role: str, public_url: str | None, allow_origins: tuple[str, ...],
           max_reply_bytes: int, max_resource_bytes: int, max_write_bytes: int,
+          kv_hot_mib: int, kv_capacity_gib: float | None, kv_ttl: float | None,
           json_response: bool, stdio_sdk: bool,
           verbose: bool) -> None:
     """Serve the MCP tools over stdio, streamable HTTP (/mcp) or SSE (/sse).
@@ -121,6 +130,9 @@ def serve(ctx: click.Context, transport: str, host: str, port: int, tenant: str 
         raise click.UsageError("--max-reply-bytes and --max-write-bytes must be at least 4096")
     limits = {"max_reply_bytes": max_reply_bytes, "max_write_bytes": max_write_bytes,
               "max_resource_bytes": max_resource_bytes}
+    kv_settings = {"hot_bytes": kv_hot_mib << 20, "default_ttl": kv_ttl,
+                   "capacity_bytes": None if kv_capacity_gib is None
+                   else int(kv_capacity_gib * (1 << 30))}
     if transport == "stdio" and tenant is None and not os.environ.get("LODESTORE_TOKEN", "").strip():
         _fail("LODESTORE_TOKEN is not set: a stdio server runs as the agent whose token it "
               "holds; mint one with `lodestore agent add TENANT NAME` (or run `lodestore serve "
@@ -146,6 +158,9 @@ def serve(ctx: click.Context, transport: str, host: str, port: int, tenant: str 
     dev = None
     if tenant is not None and agent is not None:
         dev = (tenant, agent, *_dev_token(app, tenant, agent, role))
+    from governance.warehouse import WarehouseDoor
+
+    WarehouseDoor.for_gateway(app.gateway, **kv_settings)  # /v1/kv serves this door
     _serve_http(app, metrics, transport, host, port, public_url, allow_origins,
                 limits, json_response, dev, home)
 

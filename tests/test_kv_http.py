@@ -321,3 +321,19 @@ def test_body_limit_in_process(tmp_path: Path) -> None:
     finally:
         api.door.close()
         app.close()
+
+
+def test_serve_flags_set_the_warehouse_ttl(tmp_path: Path) -> None:
+    """`lodestore serve --kv-ttl 1`: blocks put without a TTL expire after a second."""
+    import time
+
+    home = tmp_path / "home"
+    tok = ms.make_agents(home, [("acme", "bob", "agent")])["acme/bob"]
+    with ms.HttpServer(home, "--kv-ttl", "1", "--kv-hot-mib", "8", demo=False) as srv, \
+            KVClient(srv.base, tok) as kv:
+        toks = tokens(2 * BS)
+        kv.register_model(MODEL, BS)
+        kv.put_blocks(MODEL, toks, blocks_for(2))
+        assert kv.lookup(MODEL, toks) == 2 * BS
+        time.sleep(1.5)
+        assert kv.lookup(MODEL, toks) == 0
