@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -51,19 +50,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import ttft_demo as demo  # noqa: E402
 
+from server.bench import cpu_model  # noqa: E402
+
 TARGET_TOKENS = 8192
 TARGET_SPEEDUP = 10.0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(x) for x in a.tokens.split(",") if x.strip()]
     drop = not a.no_drop_caches and demo.can_drop_page_cache()
 
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch threads {a.threads}, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch threads {a.threads}, "
           f"load average {os.getloadavg()[0]:.2f} at start")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; model: "
           f"SmolLM2-135M shape, {a.layers} layers, random weights, {a.dtype}; block "
@@ -150,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.json:
         with open(a.json, "w") as f:
             json.dump({
-                "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "threads": a.threads},
+                "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": a.threads},
                 "versions": {"torch": torch.__version__,
                              "transformers": transformers.__version__},
                 "dtype": a.dtype, "layers": a.layers, "block_size": a.block_size,

@@ -222,7 +222,7 @@ def _meminfo(key: str) -> int | None:
     return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -254,7 +254,7 @@ def machine_info(path: str) -> dict[str, Any]:
 
     usage = shutil.disk_usage(path)
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "ram_bytes": _meminfo("MemTotal"),
         "ram_available_bytes": _meminfo("MemAvailable"),

@@ -247,29 +247,10 @@ def test_no_tenant_sees_another_tenants_hits(env):
 
 
 def test_overwrite_move_and_delete_update_the_index(env):
-    a = env.ctx("agent")
-    run(F.write_file, a, "/upkeep/a.md", "original heron text\n")
-    assert paths_of(find(env, "heron")) == ["/upkeep/a.md"]
-    run(F.write_file, a, "/upkeep/a.md", "replaced by ibis\n")
-    assert find(env, "heron").results == [] and paths_of(find(env, "ibis")) == ["/upkeep/a.md"]
-    run(F.edit_file, a, "/upkeep/a.md", [{"old_text": "ibis", "new_text": "stork"}])
-    assert find(env, "ibis").results == [] and paths_of(find(env, "stork")) == ["/upkeep/a.md"]
-    run(F.move_file, a, "/upkeep/a.md", "/upkeep/b.md")
-    assert paths_of(find(env, "stork")) == ["/upkeep/b.md"]
-    run(F.create_directory, a, "/upkeep/dir")
-    run(F.write_file, a, "/upkeep/dir/c.md", "crane in a directory\n")
-    run(F.move_file, a, "/upkeep/dir", "/upkeep/moved")
-    assert paths_of(find(env, "crane")) == ["/upkeep/moved/c.md"]
-    assert run(F.get_file_info, a, "/upkeep/moved/c.md").index_state == "indexed"
-    run(F.write_file, a, "/upkeep/over.md", "egret will be replaced\n")
-    run(F.move_file, a, "/upkeep/b.md", "/upkeep/over.md", overwrite=True)
-    assert find(env, "egret").results == [] and paths_of(find(env, "stork")) == [
-        "/upkeep/over.md"]
-    run(F.delete_file, a, "/upkeep/over.md")
-    assert find(env, "stork").results == []
-    run(F.delete_file, a, "/upkeep", recursive=True)
-    assert find(env, "crane").results == []
-    assert env.index.state("acme", "/upkeep/moved/c.md").state == "not_indexed"
+    """The same upkeep as on SQLite (tests/test_tools_search.py), then: no rows left."""
+    from test_tools_search import test_overwrite_move_and_delete_update_the_index as same
+
+    same(env)
     assert env.sql("SELECT count(*) FROM search_chunks") == [(0,)]
 
 
