@@ -8,7 +8,8 @@ Rows, each beside a baseline from the same run on the same disk:
    ``KVStore.put`` of the same bytes on the same backend. Target: p99 <= 5 ms (embedded).
 2. **session_context p50/p99** - the most recent turns of a 200-turn session that fit a
    2,000-token budget (about a quarter of them; the rest counted into the marker).
-   Baseline: a bare ``KVStore.scan`` of the session's turns. Target: p99 <= 5 ms.
+   Baseline: a bare ``KVStore.scan`` of the session's turns. Target: p99 <= 5 ms. Also on
+   a 5,000-turn session (baseline: ``get_many`` of the 40 newest turns).
 3. The same two rows over Redis (``--redis URL``; default the local one), reported only.
 4. **recall hit@5** on a generated memory set (below). Target >= 0.9.
 
@@ -90,7 +91,8 @@ def timed(fn, n: int) -> list[float]:  # noqa: ANN001
     return out
 
 
-def latency_rows(home: Path, kv_url: str, durability: str, n: int, label: str) -> list[tuple]:
+def latency_rows(home: Path, kv_url: str, durability: str, n: int, label: str,
+                 long_turns: int = 5000) -> list[tuple]:
     Volume.init(home, StoreConfig.embedded(home, durability=durability, kv=kv_url)).close()
     app = open_app(home)
     try:
@@ -126,9 +128,19 @@ def latency_rows(home: Path, kv_url: str, durability: str, n: int, label: str) -
         ctx = timed(lambda: door.session_context(p, sid2, 2000), n)
         r = door.session_context(p, sid2, 2000)
         note = f"{len(r.turns)} turns + marker, {r.tokens} tokens"
+        # a long conversation: the older turns are counted into the marker, not read
+        sid3 = None
+        for _ in range(long_turns):
+            sid3 = door.session_append(p, sid3, "user", turn()).session
+        base_long = timed(lambda: kv.get_many("bench", [f"ses/{sid3}/t/{i:012d}" for i in
+                                                      range(long_turns, long_turns - 40, -1)]),
+                          max(50, n // 4))
+        ctx_long = timed(lambda: door.session_context(p, sid3, 2000), max(50, n // 4))
         kv.drop_namespace("bench")
         return [(f"{label} session_append", app_, "KVStore.put", base_put, ""),
-                (f"{label} session_context", ctx, "KVStore.scan 200 turns", base_scan, note)]
+                (f"{label} session_context", ctx, "KVStore.scan 200 turns", base_scan, note),
+                (f"{label} session_context, {long_turns} turns", ctx_long,
+                 "KVStore.get_many 40 turns", base_long, "same budget")]
     finally:
         app.close()
 

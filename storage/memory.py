@@ -141,6 +141,10 @@ class SessionStore:
     def count_upto(self, ns: str, sid: str, seq: int, oldest: float | None = None,
                    batch: int = 256) -> int:
         """Live turns numbered ``seq`` or lower (crash gaps and expired turns excluded)."""
+        if seq <= 0:
+            return 0
+        if oldest is None:  # no retention cut-off to check per turn: count keys
+            return self.kv.count_range(ns, f"ses/{sid}/t/{0:012d}", f"ses/{sid}/t/{seq:012d}")
         n = 0
         while seq > 0:
             lo = max(0, seq - batch)

@@ -171,3 +171,14 @@ def test_store_config_can_point_kv_at_redis(tmp_path, redis_kv_url):
     finally:
         vol.close()
     assert "kv: 'redis://" in (home / "lodestore.yaml").read_text()
+
+
+def test_count_range(kv):
+    kv.put_many("acme", [(f"t/{i:04d}", b"x") for i in range(50)] + [("u/1", b"y")])
+    kv.put("acme", "t/0100", b"short", ttl=0.2)
+    assert kv.count_range("acme", "t/0000", "t/9999") == 51
+    assert kv.count_range("acme", "t/0010", "t/0019") == 10
+    assert kv.count_range("beta", "t/0000", "t/9999") == 0
+    time.sleep(0.3)
+    kv.scan("acme", "t/")  # a scan drops expired keys (Redis keeps index entries until then)
+    assert kv.count_range("acme", "t/0000", "t/9999") == 50

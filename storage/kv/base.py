@@ -85,6 +85,11 @@ class KVStore(ABC):
         """Live pairs whose key starts with ``prefix``, in key order."""
 
     @abstractmethod
+    def count_range(self, ns: str, lo: str, hi: str) -> int:
+        """Live keys with ``lo <= key <= hi``, counted without reading values. (Redis: keys
+        whose TTL ran out count until a scan or ``purge`` drops them from the index.)"""
+
+    @abstractmethod
     def incr(self, ns: str, key: str, by: int = 1) -> int:
         """Atomically add ``by`` to an integer counter (absent: 0) and return it."""
 

@@ -145,6 +145,10 @@ class RedisKV(KVStore):
             self.r.zrem(self._ik(ns), *stale)
         return out
 
+    def count_range(self, ns: str, lo: str, hi: str) -> int:
+        ns = self._ns(ns)
+        return int(self.r.zlexcount(self._ik(ns), f"[{check_key(lo)}", f"[{check_key(hi)}"))
+
     def incr(self, ns: str, key: str, by: int = 1) -> int:
         ns, key = self._ns(ns), check_key(key)
         pipe = self.r.pipeline(transaction=True)

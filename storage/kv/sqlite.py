@@ -160,6 +160,13 @@ class SqliteKV(KVStore):
             self.purge(ns)
         return out
 
+    def count_range(self, ns: str, lo: str, hi: str) -> int:
+        row = self._conn().execute(
+            "SELECT count(*) FROM kv WHERE ns=? AND key >= ? AND key <= ? AND "
+            "(expires IS NULL OR expires > ?)",
+            (self._ns(ns), check_key(lo), check_key(hi), time.time())).fetchone()
+        return int(row[0])
+
     def incr(self, ns: str, key: str, by: int = 1) -> int:
         ns, key = self._ns(ns), check_key(key)
         c = self._conn()
