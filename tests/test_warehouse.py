@@ -37,6 +37,7 @@ from storage.warehouse import (
     root_hash,
     sha256_cbor,
 )
+from storage.warehouse import store as store_mod
 
 MODEL = "HuggingFaceTB/SmolLM2-135M"
 BS = 4  # tokens per block in most tests
@@ -88,6 +89,12 @@ def tokens(n: int, base: int = 1000) -> list[int]:
 
 def chunk_count(vol: Volume, tenant: str) -> int:
     return sum(1 for rec in vol.meta.iter_chunks() if rec.tenant == tenant)
+
+
+def pack_files(vol: Volume, tenant: str) -> list:
+    if not vol.exists(tenant, KV_ROOT):
+        return []
+    return [fi for fi in vol.walk(tenant, KV_ROOT) if not fi.is_dir and "/p/" in fi.path]
 
 
 # -- hashing: bit-compatible with vLLM -------------------------------------------------
@@ -199,10 +206,13 @@ def test_round_trip_lookup_and_chunk_store_reads(wh: TokenWarehouse, vol: Volume
     assert wh.lookup("acme", MODEL, toks[:2 * BS] + [1, 2, 3, 4] + toks[3 * BS:]) == 2 * BS
     assert wh.lookup("acme", MODEL, [1] + toks[1:]) == 0
     assert wh.lookup("acme", MODEL, toks, BS) == 5 * BS
-    # the files: under the reserved root, chunked and erasure-coded
-    path = f"{KV_ROOT}/{model_dir(MODEL)}/b/{hs[0].hex()[:2]}/{hs[0].hex()}"
-    fi = vol.stat("acme", path)
-    assert fi.size == BLOCK and fi.chunks == 2 and fi.attrs["pos"] == 0
+    # the files: one pack per put under the reserved root, chunked and erasure-coded
+    packs = pack_files(vol, "acme")
+    assert len(packs) == 1
+    assert packs[0].size == 5 * BLOCK and packs[0].chunks == -(-5 * BLOCK // 65536)
+    assert packs[0].attrs["kind"] == "kv_pack"
+    assert not vol.exists("acme", f"{KV_ROOT}/{model_dir(MODEL)}/b")
+    assert [b.position for b in wh.list_blocks("acme", MODEL)[0] if b.hash == hs[0]] == [0]
     # the hot tier dropped, reads come from the chunk store
     assert len(wh.hot) == 5
     wh.drop_hot()
@@ -217,10 +227,10 @@ def test_round_trip_lookup_and_chunk_store_reads(wh: TokenWarehouse, vol: Volume
     vol.open_file = counting_open  # type: ignore[method-assign]
     try:
         assert wh.get_blocks("acme", MODEL, hs) == data
-        assert len([p for p in reads if "/b/" in p]) == 5
+        assert len([p for p in reads if "/p/" in p]) == 1  # contiguous: one pack read
         reads.clear()
         assert wh.get_blocks("acme", MODEL, hs) == data  # now hot again
-        assert not [p for p in reads if "/b/" in p]
+        assert not [p for p in reads if "/p/" in p]
     finally:
         del vol.open_file
     # a second warehouse (another process, restart) sees the same blocks
@@ -284,8 +294,8 @@ def test_dedup_within_tenant_not_across(wh: TokenWarehouse, vol: Volume) -> None
     base = chunk_count(vol, "acme")
     wh.put_blocks("acme", "model-a", tokens(3 * BS), data, BS)
     one = chunk_count(vol, "acme") - base
-    assert one == 6  # three blocks of two chunks each
-    # the same bytes under another model (other hashes, other files): no new chunks
+    assert one == 4  # one pack of three blocks: 240,000 bytes in four 64 KiB chunks
+    # the same bytes under another model (other hashes, another pack): no new chunks
     wh.put_blocks("acme", "model-b", tokens(3 * BS, base=5), data, BS)
     assert chunk_count(vol, "acme") - base == one
     # another tenant stores its own chunks, never shared
@@ -399,12 +409,152 @@ def test_gc_never_collects_live_blocks(wh: TokenWarehouse, vol: Volume) -> None:
     assert rep.chunks_deleted == 0 and rep.orphan_fragments_deleted == 0
     wh.drop_hot()
     assert wh.get_blocks("acme", MODEL, hs) == data
-    # deleted blocks' chunks are collected, the others stay readable
+    # deleting some blocks of a pack keeps the pack (and every chunk) for the others
     wh.delete_blocks("acme", MODEL, hs[:2])
     rep = gc(vol, grace=0)
-    assert rep.chunks_deleted == 4
+    assert rep.chunks_deleted == 0
     wh.drop_hot()
     assert wh.get_blocks("acme", MODEL, hs) == [None, None, *data[2:]]
+    # a second put (another pack) survives gc once the first pack is gone
+    more = tokens(6 * BS)
+    data2 = blocks_for(2, seed=6)
+    hs2 = wh.put_blocks("acme", MODEL, more, data2, BS, start_block=4)
+    wh.delete_blocks("acme", MODEL, hs[2:])
+    assert len(pack_files(vol, "acme")) == 1
+    rep = gc(vol, grace=0)
+    assert rep.chunks_deleted == 5  # the first pack: 320,000 bytes in five 64 KiB chunks
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs + hs2) == [None] * 4 + data2
+
+
+# -- packs: the blocks of one put in one file, indexed in the KV tier -------------------
+
+
+def test_many_small_blocks_in_packs(wh: TokenWarehouse, vol: Volume,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_mod, "PACK_MAX_BYTES", 10 * 3000)  # ten blocks per pack
+    toks = tokens(64 * BS)
+    data = blocks_for(64, seed=21, size=3000)
+    hs = wh.put_blocks("acme", MODEL, toks[:40 * BS], data[:40], BS)
+    res = wh.put_blocks_ex("acme", MODEL, toks, data, BS)  # 40 known, 24 new
+    assert (res.written, res.bytes_written) == (24, 24 * 3000)
+    hs += res.hashes[40:]
+    assert len(pack_files(vol, "acme")) == 4 + 3
+    assert wh.lookup("acme", MODEL, toks) == 64 * BS
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs) == data
+    wh.drop_hot()
+    sparse = [0, 2, 3, 9, 10, 33, 63]  # gaps, runs and pack boundaries
+    assert wh.get_blocks("acme", MODEL, [hs[i] for i in sparse]) == [data[i] for i in sparse]
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs[::-1]) == data[::-1]
+    other = TokenWarehouse(vol, hot_bytes=0)
+    try:
+        assert other.get_blocks("acme", MODEL, hs) == data
+        assert other.usage("acme") == 64 * 3000
+    finally:
+        other.close()
+    listed, cursor = wh.list_blocks("acme", MODEL, limit=50)
+    rest, end = wh.list_blocks("acme", MODEL, cursor=cursor)
+    assert end is None and sorted(hs) == [b.hash for b in listed + rest]
+    assert {b.position for b in listed + rest} == set(range(64))
+
+
+def test_partial_delete_then_pack_removed(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(4 * BS)
+    data = blocks_for(4, seed=8)
+    hs = wh.put_blocks("acme", MODEL, toks, data, BS)
+    [pack] = pack_files(vol, "acme")
+    assert wh.delete_blocks("acme", MODEL, [hs[1], hs[3]]) == 2
+    assert wh.delete_blocks("acme", MODEL, [hs[1]]) == 0
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs) == [data[0], None, data[2], None]
+    assert wh.lookup("acme", MODEL, toks) == BS
+    assert [p.path for p in pack_files(vol, "acme")] == [pack.path]
+    assert wh.delete_blocks("acme", MODEL, [hs[0], hs[2]]) == 2
+    assert pack_files(vol, "acme") == []  # no block of it left: the pack is gone
+    assert wh.list_blocks("acme", MODEL) == ([], None)
+    assert wh.usage("acme") == 0
+    # deleting the model removes packs and index entries
+    wh.put_blocks("acme", MODEL, toks, data, BS)
+    assert wh.delete_model("acme", MODEL) == 4
+    assert pack_files(vol, "acme") == []
+    assert not [k for k, _ in vol.kv.scan("acme", store_mod.INDEX + "/")]
+
+
+def test_unindexed_pack_is_invisible_and_swept(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(2 * BS)
+    data = blocks_for(2, seed=4)
+    hs = block_hashes(toks, BS)
+    wh.register_model("acme", MODEL, BS, block_bytes=BLOCK)
+    # a crash after the pack was written, before its index entries: data without index
+    mdir = model_dir(MODEL)
+    vol.write("acme", f"{KV_ROOT}/{mdir}/p/ab/ab{'0' * 30}", b"".join(data),
+              attrs={"kind": "kv_pack", "blocks": 2})
+    assert wh.lookup("acme", MODEL, toks) == 0
+    assert wh.get_blocks("acme", MODEL, hs) == [None, None]
+    assert not wh.exists("acme", MODEL, hs[0])
+    assert wh.list_blocks("acme", MODEL) == ([], None)
+    assert wh.usage("acme") == 0
+    live = wh.put_blocks("acme", MODEL, toks, data, BS)  # stored anew, in its own pack
+    assert len(pack_files(vol, "acme")) == 2
+    assert wh.sweep_packs("acme", grace=3600) == 0  # too young: maybe a put in flight
+    assert wh.sweep_packs("acme", grace=0) == 1
+    assert len(pack_files(vol, "acme")) == 1
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, live) == data
+
+
+def test_pack_expiry(vol: Volume, clock: Clock) -> None:
+    wh = TokenWarehouse(vol, clock=clock)
+    try:
+        toks = tokens(3 * BS)
+        data = blocks_for(3, seed=2)
+        hs = wh.put_blocks("acme", MODEL, toks[:2 * BS], data[:2], BS, ttl=10)
+        wh.put_blocks("acme", MODEL, toks, data[2:], BS, start_block=2, ttl=100)
+        assert len(pack_files(vol, "acme")) == 2
+        clock.t += 11  # the first put's blocks expire together
+        wh.drop_hot()
+        assert wh.get_blocks("acme", MODEL, hs + [block_hashes(toks, BS)[2]]) == \
+            [None, None, data[2]]
+        assert wh.lookup("acme", MODEL, toks) == 0
+        assert [b.position for b in wh.list_blocks("acme", MODEL)[0]] == [2]
+        assert wh.evict("acme") == {"expired": 2, "capacity": 0}
+        assert len(pack_files(vol, "acme")) == 1  # the expired pack is deleted
+        # re-putting an expired block stores it again
+        wh.put_blocks("acme", MODEL, toks, data[:1], BS)
+        wh.drop_hot()
+        assert wh.lookup("acme", MODEL, toks) == BS
+    finally:
+        wh.close()
+
+
+def test_old_layout_blocks_still_read(wh: TokenWarehouse, vol: Volume) -> None:
+    toks = tokens(3 * BS)
+    data = blocks_for(3, seed=13)
+    hs = block_hashes(toks, BS)
+    info = wh.register_model("acme", MODEL, BS, block_bytes=BLOCK)
+    for i in range(2):  # blocks 0 and 1 as an older version stored them: a file each
+        x = hs[i].hex()
+        vol.write("acme", f"{KV_ROOT}/{info.dir}/b/{x[:2]}/{x}", data[i],
+                  attrs={"kind": "kv_block", "pos": i, "exp": None,
+                         "parent": hs[i - 1].hex() if i else None})
+    fresh = TokenWarehouse(vol, hot_bytes=0)
+    try:
+        assert fresh.lookup("acme", MODEL, toks) == 2 * BS
+        assert fresh.get_blocks("acme", MODEL, hs) == [data[0], data[1], None]
+        res = fresh.put_blocks_ex("acme", MODEL, toks, data, BS)
+        assert res.written == 1  # the old files count as stored
+        assert fresh.get_blocks("acme", MODEL, hs) == data
+        assert sorted(b.hash for b in fresh.list_blocks("acme", MODEL)[0]) == sorted(hs)
+        page, cur = fresh.list_blocks("acme", MODEL, limit=2)
+        rest, end = fresh.list_blocks("acme", MODEL, cursor=cur)
+        assert end is None and [b.hash for b in page + rest] == sorted(hs)
+        assert fresh.usage("acme") == 3 * BLOCK
+        assert fresh.delete_blocks("acme", MODEL, hs[:2]) == 2
+        assert fresh.get_blocks("acme", MODEL, hs) == [None, None, data[2]]
+    finally:
+        fresh.close()
 
 
 # -- bad input: clear errors, nothing stored -------------------------------------------
@@ -471,9 +621,9 @@ def test_failed_write_leaves_no_partial_put(wh: TokenWarehouse, vol: Volume) -> 
     calls = {"n": 0}
 
     def flaky(tenant, path, payload, **kw):  # type: ignore[no-untyped-def]
-        if "/b/" in path:
+        if "/p/" in path:
             calls["n"] += 1
-            if calls["n"] == 3:
+            if calls["n"] == 1:
                 raise OSError("disk full")
         return real(tenant, path, payload, **kw)
 
@@ -486,6 +636,26 @@ def test_failed_write_leaves_no_partial_put(wh: TokenWarehouse, vol: Volume) -> 
     wh.drop_hot()
     assert wh.lookup("acme", MODEL, toks) == 0
     assert wh.list_blocks("acme", MODEL) == ([], None)
+    assert pack_files(vol, "acme") == []
+    # the pack is written but the index is not: the put fails, the pack is deleted
+    real_put_many = vol.kv.put_many
+
+    def failing_index(ns, items, ttl=None):  # type: ignore[no-untyped-def]
+        raise OSError("kv down")
+
+    vol.kv.put_many = failing_index  # type: ignore[method-assign]
+    try:
+        with pytest.raises(OSError, match="kv down"):
+            wh.put_blocks("acme", MODEL, toks, data, BS)
+    finally:
+        vol.kv.put_many = real_put_many  # type: ignore[method-assign]
+    wh.drop_hot()
+    assert wh.lookup("acme", MODEL, toks) == 0
+    assert wh.get_blocks("acme", MODEL, block_hashes(toks, BS)) == [None] * 4
+    assert pack_files(vol, "acme") == []
+    hs = wh.put_blocks("acme", MODEL, toks, data, BS)  # and a retry works
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, hs) == data
 
 
 def test_keyed_objects(wh: TokenWarehouse, clock: Clock) -> None:

@@ -5,10 +5,32 @@ deduplicated within the tenant and never across tenants, and kept alive by GC be
 their entries reference their chunks)::
 
     /.lodestore/kv/<model-dir>/model.json        the model's manifest
-    /.lodestore/kv/<model-dir>/b/<hh>/<hash-hex>  one token block (hh: first 2 hex digits)
+    /.lodestore/kv/<model-dir>/p/<hh>/<pack-id>   one pack: the new blocks of one put,
+                                                   concatenated (at most PACK_MAX_BYTES;
+                                                   larger puts write several, in parallel)
     /.lodestore/kv/<model-dir>/o/<hh>/<key-hex>   one keyed object (engines that name their
                                                    own chunks, e.g. LMCache; key-hex is
                                                    sha256 of the key, the key is in attrs)
+    /.lodestore/kv/<model-dir>/b/<hh>/<hash-hex>  one token block per file: the layout of
+                                                   older versions, still read, listed and
+                                                   deleted (never written any more)
+
+Block index, in the KV tier (namespace: the tenant, like the volume)::
+
+    kvw/<model-dir>/b/<hash-hex>          JSON {p: pack id, o: offset, n: length, pos,
+                                          exp: expiry, par: parent hash, t: write time}
+    kvw/<model-dir>/k/<pack-id>/<hash-hex>  empty: the pack still holds this live block
+
+A put writes its packs first, then all their index entries and references in ONE atomic
+``put_many``: a crash in between leaves an unindexed pack, invisible, which
+``sweep_packs`` deletes. Removing a block deletes its entry and its reference; when a
+pack has no reference left (one ``scan`` with limit 1) the pack file is deleted. Packs are
+ordinary volume files, so GC keeps their chunks alive. Reads look up all entries in one
+``get_many``, read contiguous blocks of a pack in one streamed range read, packs in
+parallel. Chunk-level dedup now works on packs (identical puts share chunks; the same
+block at another offset does not); whole-block dedup within a tenant is by hash, as
+before. Internally a block is still named by its logical path ``.../b/<hh>/<hash-hex>``
+(hot-tier and recency keys).
 
 ``<model-dir>`` is a readable slug of the model id plus 16 hex digits of its SHA-256, so any
 model id maps to a safe, unique folder. Blocks are fanned out over 256 folders so the
@@ -23,7 +45,8 @@ the first put), so truncated or malformed blocks are refused before anything is 
 Hot tier: an in-memory, size-bounded LRU of recently put or read blocks (write-through,
 read-through), per process. Eviction:
 
-- TTL: a block's expiry (wall clock) is stored in its attrs. Expired blocks read as absent
+- TTL: a block's expiry (wall clock) is in its index entry (the blocks of one put share
+  it). Expired blocks read as absent
   at once; ``evict()`` deletes them, and a put sweeps the tenant's expired blocks at most
   every ``sweep_seconds`` once the tenant has stored blocks with a TTL.
 - Capacity: ``capacity_bytes`` bounds each tenant's KV bytes. Recency of use is tracked in
@@ -37,7 +60,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import heapq
 import json
+import os
 import re
 import threading
 import time
@@ -65,6 +90,66 @@ MAX_MODEL_ID = 512
 MAX_BLOCK_BYTES = 256 << 20
 MAX_BLOCKS_PER_CALL = 4096
 MAX_KEY_CHARS = 1024
+# A put's new blocks go into packs of at most this many bytes (one block may exceed it
+# alone). Small enough that a large put writes, and a get reads, several packs in
+# parallel (measured faster than 16 or 64 MiB packs for 5.6 MiB blocks); large enough
+# that small blocks share a few 4 MiB chunks instead of paying fsyncs per block.
+PACK_MAX_BYTES = 8 << 20
+INDEX = "kvw"  # KV-tier key prefix of the block index (the namespace is the tenant)
+_SCAN_PAGE = 1000
+
+
+def _index_key(mdir: str, hx: str) -> str:
+    """The index entry of one block: where its bytes are and what it is."""
+    return f"{INDEX}/{mdir}/b/{hx}"
+
+
+def _ref_key(mdir: str, pack: str, hx: str = "") -> str:
+    """A pack's reference to one of its blocks (empty value); the pack lives while any does."""
+    return f"{INDEX}/{mdir}/k/{pack}/{hx}"
+
+
+def _pack_path(mdir: str, pack: str) -> str:
+    return f"{KV_ROOT}/{mdir}/p/{pack[:2]}/{pack}"
+
+
+def _split_block_path(path: str) -> tuple[str, str] | None:
+    """(model dir, hash hex) of a logical block path ``KV_ROOT/<dir>/b/<hh>/<hex>``."""
+    parts = path.split("/")
+    if len(parts) == 7 and parts[4] == "b" and path.startswith(KV_ROOT + "/"):
+        return parts[3], parts[6]
+    return None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """A block's index entry: bytes ``off .. off + n`` of pack ``pack``."""
+
+    pack: str
+    off: int
+    n: int
+    pos: int | None
+    exp: float | None
+    parent: str | None
+    t: float  # wall-clock write time
+
+    def live(self, now: float) -> bool:
+        return self.exp is None or self.exp > now
+
+    def dumps(self) -> bytes:
+        return json.dumps({"p": self.pack, "o": self.off, "n": self.n, "pos": self.pos,
+                           "exp": self.exp, "par": self.parent, "t": self.t}).encode()
+
+    @staticmethod
+    def loads(raw: bytes | None) -> _Entry | None:
+        if raw is None:
+            return None
+        try:
+            d = json.loads(raw)
+            return _Entry(d["p"], int(d["o"]), int(d["n"]), d.get("pos"), d.get("exp"),
+                          d.get("par"), float(d.get("t", 0.0)))
+        except (ValueError, KeyError, TypeError):
+            return None  # a damaged entry reads as a miss (the warehouse is a cache)
 
 
 class UnknownModel(NotFound):
@@ -289,6 +374,7 @@ class TokenWarehouse:
         self._lock = threading.RLock()
         self._last_sweep: dict[str, float] = {}
         self._expiring: set[str] = set()  # tenants that stored blocks with a TTL
+        self._legacy: dict[tuple[str, str], bool] = {}  # (tenant, dir): per-block files?
 
     def close(self) -> None:
         self.pool.shutdown(wait=True)
@@ -428,8 +514,19 @@ class TokenWarehouse:
         root = f"{KV_ROOT}/{info.dir}"
         n = 0
         usage = self._usage.get(tenant)
+        # the index first (blocks vanish at once), then the files (packs, objects, old blocks)
+        for key, _raw in list(self._scan(tenant, f"{INDEX}/{info.dir}/")):
+            if key.startswith(f"{INDEX}/{info.dir}/b/"):
+                n += 1
+                if usage is not None:
+                    with self._lock:
+                        usage.remove(f"{root}/b/{key[-2 * HASH_BYTES:][:2]}/"
+                                     f"{key[-2 * HASH_BYTES:]}")
+            self.vol.kv.delete(tenant, key)
         for fi in self._walk_files(tenant, root):
-            n += fi.path != f"{root}/{MANIFEST}"
+            if fi.path == f"{root}/{MANIFEST}" or fi.path.startswith(f"{root}/p/"):
+                continue
+            n += 1
             if usage is not None:
                 with self._lock:
                     usage.remove(fi.path)
@@ -438,6 +535,7 @@ class TokenWarehouse:
         self.hot.pop_under(tenant, root + "/")
         with self._lock:
             self._models.pop((tenant, model), None)
+            self._legacy.pop((tenant, info.dir), None)
         return n
 
     # -- paths -------------------------------------------------------------------------
@@ -556,49 +654,184 @@ class TokenWarehouse:
     def _store_blocks(self, tenant: str, info: ModelInfo, hashes: list[bytes],
                       datas: list[bytes | memoryview], start: int, chain: list[bytes],
                       exp: float | None) -> tuple[int, int]:
-        created: list[str] = []
-        lock = threading.Lock()
+        """Write the new blocks into pack files, then index them in one KV transaction.
 
-        def one(i: int) -> tuple[int, int]:
-            h, d = hashes[i], datas[i]
-            pos = start + i
-            path = self._block_path(info, h)
-            now = self.clock()
-            try:
-                cur: FileInfo | None = self.vol.stat(tenant, path)
-            except (NotFound, NotADirectory):
-                cur = None
-            if cur is not None and self._live(cur, now):
-                old = (cur.attrs or {}).get("exp")
-                if old is not None and (exp is None or exp > old + 1.0):
-                    self._set_expiry(tenant, path, exp)
-                self._note(tenant, path, cur.size)
-                return 0, 0
-            attrs = {"kind": "kv_block", "pos": pos, "exp": exp,
-                     "parent": chain[pos - 1].hex() if pos > 0 else None}
-            fi = self.vol.write(tenant, path, d, attrs=attrs)
-            with lock:
-                created.append(path)
-            self.hot.put((tenant, path), bytes(d), exp)
-            self._note(tenant, path, fi.size)
-            return 1, fi.size
+        Crash order: the packs are written (and durable) first, the index entries last, in
+        one atomic ``put_many``; a pack without index entries is invisible garbage
+        (``sweep_packs`` deletes it). Live blocks already stored are skipped (dedup within
+        the tenant); a later expiry given for them is written to their index entry.
+        """
+        d = info.dir
+        hexes = [h.hex() for h in hashes]
+        now = self.clock()
+        cur = self._index_get(tenant, d, hexes)
+        legacy = self._has_legacy(tenant, d)
+        todo: list[int] = []
+        refresh: list[tuple[str, bytes]] = []
+        seen: set[str] = set()
+        for i, e in enumerate(cur):
+            hx = hexes[i]
+            if hx in seen:
+                continue
+            seen.add(hx)
+            path = self._block_path(info, hashes[i])
+            if e is not None and e.live(now):
+                if e.exp is not None and (exp is None or exp > e.exp + 1.0):
+                    refresh.append((_index_key(d, hx),
+                                    _Entry(**{**e.__dict__, "exp": exp}).dumps()))
+                    self.hot.pop((tenant, path))
+                self._note(tenant, path, e.n)
+                continue
+            if e is not None:  # expired: drop it (and maybe its pack), then store anew
+                self._remove(tenant, path)
+            elif legacy and self._keep_legacy(tenant, path, exp, now):
+                continue
+            todo.append(i)
+        if refresh:
+            self.vol.kv.put_many(tenant, refresh)
+        if not todo:
+            return 0, 0
+        groups: list[list[int]] = [[]]
+        size = 0
+        for i in todo:
+            if groups[-1] and size + len(datas[i]) > PACK_MAX_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(i)
+            size += len(datas[i])
 
+        def write_pack(group: list[int]) -> str:
+            pack = os.urandom(16).hex()
+            data = datas[group[0]] if len(group) == 1 else b"".join(datas[i] for i in group)
+            self.vol.write(tenant, _pack_path(d, pack), data, mode="create",
+                           attrs={"kind": "kv_pack", "blocks": len(group)})
+            return pack
+
+        packs: list[str] = []
         try:
-            results = list(self.pool.map(one, range(len(hashes))))
+            if len(groups) == 1:
+                packs.append(write_pack(groups[0]))
+            else:
+                futs = [self.pool.submit(write_pack, g) for g in groups]
+                err: BaseException | None = None
+                for f in futs:
+                    try:
+                        packs.append(f.result())
+                    except BaseException as exc:  # let the others finish, then clean up
+                        err = err or exc
+                if err is not None:
+                    raise err
+            items: list[tuple[str, bytes]] = []
+            t = time.time()
+            for pack, group in zip(packs, groups, strict=True):
+                off = 0
+                for i in group:
+                    pos = start + i
+                    n = len(datas[i])
+                    e = _Entry(pack, off, n, pos, exp,
+                               chain[pos - 1].hex() if pos > 0 else None, t)
+                    items.append((_index_key(d, hexes[i]), e.dumps()))
+                    items.append((_ref_key(d, pack, hexes[i]), b""))
+                    off += n
+            self.vol.kv.put_many(tenant, items)
         except BaseException:
-            for path in created:  # never a silent partial put
-                with contextlib.suppress(StorageError):
-                    self._remove(tenant, path)
+            for pack in packs:  # never a silent partial put; an unindexed pack is garbage
+                with contextlib.suppress(StorageError, OSError):
+                    self.vol.delete(tenant, _pack_path(d, pack))
             raise
-        return sum(r[0] for r in results), sum(r[1] for r in results)
+        nbytes = 0
+        for i in todo:
+            n = len(datas[i])
+            nbytes += n
+            path = self._block_path(info, hashes[i])
+            if n <= self.hot.max_bytes:
+                self.hot.put((tenant, path), bytes(datas[i]), exp)
+            self._note(tenant, path, n)
+        return len(todo), nbytes
+
+    def _keep_legacy(self, tenant: str, path: str, exp: float | None, now: float) -> bool:
+        """A block of the old layout (one file per block): True if it is live and kept."""
+        try:
+            fi = self.vol.stat(tenant, path)
+        except (NotFound, NotADirectory):
+            return False
+        if not self._live(fi, now):
+            self._remove(tenant, path)
+            return False
+        old = (fi.attrs or {}).get("exp")
+        if old is not None and (exp is None or exp > old + 1.0):
+            self._set_expiry(tenant, path, exp)
+        self._note(tenant, path, fi.size)
+        return True
 
     def _set_expiry(self, tenant: str, path: str, exp: float | None) -> None:
-        """Change a stored block's expiry without rewriting its data (an empty append)."""
+        """Change an old-layout block's expiry without rewriting its data (an empty append)."""
         def merge(old: dict[str, Any] | None, _size: int) -> dict[str, Any]:
             return {**(old or {}), "exp": exp}
         with contextlib.suppress(StorageError):
             self.vol.write(tenant, path, b"", mode="append", merge_attrs=merge)
             self.hot.pop((tenant, path))
+
+    # -- the block index ---------------------------------------------------------------
+
+    def _index_get(self, tenant: str, mdir: str, hexes: Sequence[str]) -> list[_Entry | None]:
+        if not hexes:
+            return []
+        raws = self.vol.kv.get_many(tenant, [_index_key(mdir, hx) for hx in hexes])
+        return [_Entry.loads(r) for r in raws]
+
+    def _scan(self, tenant: str, prefix: str, after: str | None = None
+              ) -> Iterator[tuple[str, bytes]]:
+        """Every live KV pair under ``prefix`` after key ``after``, page by page."""
+        while True:
+            rows = self.vol.kv.scan(tenant, prefix, start_after=after, limit=_SCAN_PAGE)
+            yield from rows
+            if len(rows) < _SCAN_PAGE:
+                return
+            after = rows[-1][0]
+
+    def _has_legacy(self, tenant: str, mdir: str) -> bool:
+        """Whether the model has a folder of per-block files (written by older versions)."""
+        key = (tenant, mdir)
+        hit = self._legacy.get(key)
+        if hit is None:
+            try:
+                hit = self.vol.stat(tenant, f"{KV_ROOT}/{mdir}/b").is_dir
+            except (NotFound, NotADirectory):
+                hit = False
+            self._legacy[key] = hit
+        return hit
+
+    def _drop_pack_if_empty(self, tenant: str, mdir: str, pack: str) -> bool:
+        if self.vol.kv.scan(tenant, _ref_key(mdir, pack), limit=1):
+            return False
+        try:
+            self.vol.delete(tenant, _pack_path(mdir, pack))
+            return True
+        except (NotFound, NotADirectory):
+            return False
+
+    def sweep_packs(self, tenant: str, grace: float = 3600.0) -> int:
+        """Delete pack files no index entry points to (left by a crash between a pack's
+        write and its index, or by racing puts of one block) once older than ``grace``
+        seconds (wall clock: a put in flight has written its pack but not yet its index).
+        Returns the packs deleted."""
+        n = 0
+        cutoff = time.time() - grace
+        for m in self._iter_dir(tenant, KV_ROOT):
+            if not m.is_dir:
+                continue
+            for fi in self._walk_files(tenant, f"{m.path}/p"):
+                if fi.mtime > cutoff:
+                    continue
+                pack = fi.name
+                for key, _v in list(self._scan(tenant, _ref_key(m.name, pack))):
+                    hx = key.rsplit("/", 1)[1]
+                    e = self._index_get(tenant, m.name, [hx])[0]
+                    if e is None or e.pack != pack:  # a stale reference
+                        self.vol.kv.delete(tenant, key)
+                n += self._drop_pack_if_empty(tenant, m.name, pack)
+        return n
 
     # -- get ---------------------------------------------------------------------------
 
@@ -618,48 +851,142 @@ class TokenWarehouse:
         return self.get_blocks(tenant, model, [h])[0]
 
     def _read_many(self, tenant: str, paths: list[str]) -> list[bytes | None]:
+        """Blocks (logical paths) and objects: hot tier first, then one index lookup, then
+        the pack ranges (contiguous blocks of one pack in one read, packs in parallel)."""
         now = self.clock()
         out: list[bytes | None] = [None] * len(paths)
-        todo = []
+        files: list[int] = []  # objects and old-layout blocks: one file each
+        blocks: dict[str, list[tuple[int, str]]] = {}  # model dir -> [(index, hex)]
         for i, p in enumerate(paths):
             hit = self.hot.get((tenant, p), now)
             if hit is not None:
                 out[i] = hit
                 self._touch(tenant, p)
+                continue
+            sp = _split_block_path(p)
+            if sp is None:
+                files.append(i)
             else:
-                todo.append(i)
-        if len(todo) == 1:
-            out[todo[0]] = self._read_one(tenant, paths[todo[0]], now)
-        elif todo:
-            for i, data in zip(todo, self.pool.map(
-                    lambda j: self._read_one(tenant, paths[j], now), todo), strict=True):
+                blocks.setdefault(sp[0], []).append((i, sp[1]))
+        packs: dict[tuple[str, str], list[tuple[_Entry, int]]] = {}
+        for mdir, wanted in blocks.items():
+            entries = self._index_get(tenant, mdir, [hx for _i, hx in wanted])
+            legacy = self._has_legacy(tenant, mdir)
+            for (i, _hx), e in zip(wanted, entries, strict=True):
+                if e is None:
+                    if legacy:
+                        files.append(i)
+                elif e.live(now):
+                    packs.setdefault((mdir, e.pack), []).append((e, i))
+        jobs: list[Callable[[], list[tuple[int, bytes, float | None]]]] = []
+        for i in files:
+            jobs.append(lambda i=i: self._read_file(tenant, i, paths[i], now))
+        for (mdir, pack), items in packs.items():
+            jobs.append(lambda mdir=mdir, pack=pack, items=items:
+                        self._read_pack(tenant, mdir, pack, items))
+        results = ([jobs[0]()] if len(jobs) == 1
+                   else list(self.pool.map(lambda job: job(), jobs)))
+        for res in results:
+            for i, data, exp in res:
                 out[i] = data
+                if len(data) <= self.hot.max_bytes:
+                    self.hot.put((tenant, paths[i]), data, exp)
+                self._note(tenant, paths[i], len(data))
         return out
 
-    def _read_one(self, tenant: str, path: str, now: float) -> bytes | None:
+    def _read_file(self, tenant: str, i: int, path: str, now: float
+                   ) -> list[tuple[int, bytes, float | None]]:
         try:
             reader = self.vol.open_file(tenant, path)
         except (NotFound, NotADirectory, IsADirectory):
-            return None
+            return []
         if not self._live(reader.info, now):
-            return None
-        data = reader.read()
-        self.hot.put((tenant, path), data, (reader.info.attrs or {}).get("exp"))
-        self._note(tenant, path, len(data))
-        return data
+            return []
+        return [(i, reader.read(), (reader.info.attrs or {}).get("exp"))]
+
+    def _read_pack(self, tenant: str, mdir: str, pack: str, items: list[tuple[_Entry, int]]
+                   ) -> list[tuple[int, bytes, float | None]]:
+        try:
+            reader = self.vol.open_file(tenant, _pack_path(mdir, pack))
+        except (NotFound, NotADirectory, IsADirectory):
+            return []  # deleted since the index was read: misses
+        items = sorted(items, key=lambda it: it[0].off)
+        out: list[tuple[int, bytes, float | None]] = []
+        k = 0
+        while k < len(items):
+            run = [items[k]]
+            end = items[k][0].off + items[k][0].n
+            k += 1
+            while k < len(items) and items[k][0].off == end:
+                run.append(items[k])
+                end += items[k][0].n
+                k += 1
+            base = run[0][0].off
+            if len(run) == 1:
+                buf = reader.read(base, end - base)
+                if len(buf) == end - base:  # else a damaged pack: a miss
+                    out.append((run[0][1], buf, run[0][0].exp))
+                continue
+            # stream the run chunk by chunk (read-ahead in parallel) and cut it into
+            # blocks: one copy per block, never the whole run joined
+            parts: list[memoryview] = []
+            have = 0
+            r = 0
+            for piece in reader.iter(base, end - base):
+                mv = memoryview(piece)
+                while len(mv) and r < len(run):
+                    need = run[r][0].n - have
+                    take = mv[:need]
+                    parts.append(take)
+                    have += len(take)
+                    mv = mv[len(take):]
+                    if have == run[r][0].n:
+                        data = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+                        out.append((run[r][1], data, run[r][0].exp))
+                        parts, have, r = [], 0, r + 1
+        return out
 
     def _present(self, tenant: str, path: str, now: float) -> bool:
-        if self.hot.get((tenant, path), now) is not None:
-            self._touch(tenant, path)
-            return True
+        return self._present_prefix(tenant, [path], now) == 1
+
+    def _present_prefix(self, tenant: str, paths: list[str], now: float) -> int:
+        """How many leading ``paths`` are present and live (touching them)."""
+        n = 0
+        step = 64
+        while n < len(paths):
+            part = paths[n:n + step]
+            step = min(step * 4, 1024)
+            miss: dict[int, str] = {}
+            byd: dict[str, list[tuple[int, str]]] = {}
+            for j, p in enumerate(part):
+                if self.hot.get((tenant, p), now) is not None:
+                    continue
+                sp = _split_block_path(p)
+                if sp is None:
+                    miss[j] = p
+                else:
+                    byd.setdefault(sp[0], []).append((j, sp[1]))
+            for mdir, wanted in byd.items():
+                entries = self._index_get(tenant, mdir, [hx for _j, hx in wanted])
+                legacy = self._has_legacy(tenant, mdir)
+                for (j, _hx), e in zip(wanted, entries, strict=True):
+                    if e is None and legacy:
+                        miss[j] = part[j]
+                    elif e is None or not e.live(now):
+                        miss[j] = ""  # absent
+            for j, p in enumerate(part):
+                if j in miss and not (miss[j] and self._file_live(tenant, p, now)):
+                    return n
+                self._touch(tenant, p)
+                n += 1
+        return n
+
+    def _file_live(self, tenant: str, path: str, now: float) -> bool:
         try:
             fi = self.vol.stat(tenant, path)
         except (NotFound, NotADirectory):
             return False
-        if not self._live(fi, now):
-            return False
-        self._touch(tenant, path)
-        return True
+        return self._live(fi, now)
 
     def exists(self, tenant: str, model: str, h: bytes | str) -> bool:
         info = self.model_info(tenant, model)
@@ -690,7 +1017,7 @@ class TokenWarehouse:
             raise InvalidArgument(f"extra_keys has {len(extra_keys)} entries but there are "
                                   f"{n} full blocks; give one entry (null or a list) per block")
         now = self.clock()
-        found: list[bytes] = []
+        chain: list[bytes] = []
         parent: bytes | None = None
         for i in range(n):
             ek = extra_keys[i] if extra_keys is not None else None
@@ -698,10 +1025,9 @@ class TokenWarehouse:
                 ek = tuple(ek)
             parent = hashing.hash_block_tokens(parent, tokens[i * bs:(i + 1) * bs], ek,
                                                none_hash=info.root)
-            if not self._present(tenant, self._block_path(info, parent), now):
-                break
-            found.append(parent)
-        return len(found) * bs, found
+            chain.append(parent)
+        found = self._present_prefix(tenant, [self._block_path(info, h) for h in chain], now)
+        return found * bs, chain[:found]
 
     # -- delete, list ------------------------------------------------------------------
 
@@ -713,16 +1039,30 @@ class TokenWarehouse:
         return n
 
     def _remove(self, tenant: str, path: str) -> bool:
+        """Remove one block (its index entry, its pack once no block of it is left, an
+        old-layout file) or one object file."""
         self.hot.pop((tenant, path))
         usage = self._usage.get(tenant)
         if usage is not None:
             with self._lock:
                 usage.remove(path)
+        sp = _split_block_path(path)
+        removed = False
+        if sp is not None:
+            mdir, hx = sp
+            e = self._index_get(tenant, mdir, [hx])[0]
+            if self.vol.kv.delete(tenant, _index_key(mdir, hx)):
+                removed = True
+            if e is not None:
+                self.vol.kv.delete(tenant, _ref_key(mdir, e.pack, hx))
+                self._drop_pack_if_empty(tenant, mdir, e.pack)
+            if not self._has_legacy(tenant, mdir):
+                return removed
         try:
             self.vol.delete(tenant, path)
             return True
         except (NotFound, NotADirectory):
-            return False
+            return removed
 
     def _iter_dir(self, tenant: str, path: str, after: str | None = None) -> Iterator[FileInfo]:
         cursor = encode_cursor(after) if after else None
@@ -752,21 +1092,47 @@ class TokenWarehouse:
         if after and len(after) != 2 * HASH_BYTES:
             raise InvalidArgument("invalid cursor: pass back next_cursor unchanged")
         now = self.clock()
+        prefix = f"{INDEX}/{info.dir}/b/"
+
+        def indexed() -> Iterator[tuple[str, BlockInfo | None]]:
+            for key, raw in self._scan(tenant, prefix, prefix + after if after else None):
+                hx = key[len(prefix):]
+                e = _Entry.loads(raw)
+                yield hx, (BlockInfo(bytes.fromhex(hx), e.n, e.pos, e.exp, e.t)
+                           if e is not None and e.live(now) else None)
+
+        sources = [indexed()]
+        if self._has_legacy(tenant, info.dir):
+            sources.append(self._legacy_blocks(tenant, info, after, now))
         out: list[BlockInfo] = []
+        last = ""
+        for hx, bi in heapq.merge(*sources, key=lambda x: x[0]):
+            if hx == last:
+                continue  # in the index and an old file: the index wins (it came first)
+            last = hx
+            if bi is None:
+                continue
+            if len(out) >= limit:
+                return out, encode_cursor(out[-1].hash.hex())
+            out.append(bi)
+        return out, None
+
+    def _legacy_blocks(self, tenant: str, info: ModelInfo, after: str, now: float
+                       ) -> Iterator[tuple[str, BlockInfo | None]]:
         base = f"{KV_ROOT}/{info.dir}/b"
         fan = [d.name for d in self._iter_dir(tenant, base) if d.is_dir and d.name >= after[:2]]
         for sub in fan:
             # the cursor's own fan-out folder resumes after the cursor's name
             start = after if after and after[:2] == sub else None
             for fi in self._iter_dir(tenant, f"{base}/{sub}", start):
-                if fi.is_dir or not self._live(fi, now):
+                if fi.is_dir:
+                    continue
+                if not self._live(fi, now):
+                    yield fi.name, None
                     continue
                 a = fi.attrs or {}
-                out.append(BlockInfo(bytes.fromhex(fi.name), fi.size, a.get("pos"),
-                                     a.get("exp"), fi.mtime))
-                if len(out) >= limit:
-                    return out, encode_cursor(fi.name)
-        return out, None
+                yield fi.name, BlockInfo(bytes.fromhex(fi.name), fi.size, a.get("pos"),
+                                         a.get("exp"), fi.mtime)
 
     # -- keyed objects (engines that name their own chunks) ----------------------------
 
@@ -847,22 +1213,34 @@ class TokenWarehouse:
                 usage.touch(path)
 
     def _kv_files(self, tenant: str) -> Iterator[FileInfo]:
-        for fi in self._walk_files(tenant, KV_ROOT):
-            if fi.name != MANIFEST:
-                yield fi
+        """Objects and old-layout block files (not manifests, not packs)."""
+        for m in self._iter_dir(tenant, KV_ROOT):
+            if m.is_dir:
+                for sub in ("o", "b"):
+                    yield from self._walk_files(tenant, f"{m.path}/{sub}")
+
+    def _indexed(self, tenant: str) -> Iterator[tuple[str, _Entry | None]]:
+        """(logical block path, index entry) of every indexed block of the tenant."""
+        for key, raw in self._scan(tenant, f"{INDEX}/"):
+            parts = key.split("/")
+            if len(parts) == 4 and parts[2] == "b":
+                hx = parts[3]
+                yield f"{KV_ROOT}/{parts[1]}/b/{hx[:2]}/{hx}", _Entry.loads(raw)
 
     def _usage_of(self, tenant: str) -> _Usage:
         """The tenant's recency index, seeded from the store (write order) on first use."""
         usage = self._usage.get(tenant)
         if usage is not None:
             return usage
-        files = sorted(self._kv_files(tenant), key=lambda f: f.mtime)
+        items = [(fi.mtime, fi.path, fi.size) for fi in self._kv_files(tenant)]
+        items += [(e.t, path, e.n) for path, e in self._indexed(tenant) if e is not None]
+        items.sort(key=lambda x: x[0])
         with self._lock:
             usage = self._usage.get(tenant)
             if usage is None:
                 usage = _Usage()
-                for fi in files:
-                    usage.add(fi.path, fi.size)
+                for _t, path, size in items:
+                    usage.add(path, size)
                 self._usage[tenant] = usage
         return usage
 
@@ -883,6 +1261,9 @@ class TokenWarehouse:
 
     def _sweep_expired(self, tenant: str, now: float) -> int:
         n = 0
+        for path, e in list(self._indexed(tenant)):
+            if e is None or not e.live(now):
+                n += self._remove(tenant, path)
         for fi in list(self._kv_files(tenant)):
             if not self._live(fi, now):
                 n += self._remove(tenant, fi.path)
