@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import paths
 from .chunks import parse_fragment_key
 from .errors import DataLost, StorageError
 from .meta import ROOT_INO, ChunkRecord, Entry
@@ -74,6 +75,7 @@ class GcReport:
     chunks_deleted: int = 0
     orphan_fragments_deleted: int = 0
     temp_files_deleted: int = 0
+    kv_packs_deleted: int = 0  # token-warehouse packs no index entry points to
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -221,6 +223,21 @@ def _remove_orphan_entries(vol: Volume) -> int:
     return removed
 
 
+def _sweep_warehouse(vol: Volume, grace: float) -> int:
+    """Token-warehouse packs a crash left without index entries (before their chunks are
+    judged: a deleted pack's chunks become collectable in the same run)."""
+    from .warehouse import TokenWarehouse
+
+    tenants = [t for t in vol.list_tenants() if vol.exists(t, "/" + paths.RESERVED_ROOT)]
+    if not tenants:
+        return 0
+    wh = TokenWarehouse(vol, hot_bytes=0)
+    try:
+        return sum(wh.sweep_packs(t, grace) for t in tenants)
+    finally:
+        wh.close()
+
+
 def gc(vol: Volume, grace: float | None = None) -> GcReport:
     """Settle interrupted moves, empty the trash, and delete chunks, orphan fragments and
     temp files unreferenced for longer than ``grace`` seconds."""
@@ -229,6 +246,7 @@ def gc(vol: Volume, grace: float | None = None) -> GcReport:
     rep.moves_settled = vol.meta.settle_all()
     rep.trash_entries_removed = vol.empty_trash()
     rep.orphan_entries_removed = _remove_orphan_entries(vol)
+    rep.kv_packs_deleted = _sweep_warehouse(vol, grace)
     cutoff = time.time() - grace
     live = {(t, c) for t, _n, c in _live_refs(vol)}
     registered: set[tuple[str, str]] = set()

@@ -725,3 +725,23 @@ def test_model_dir_is_safe() -> None:
     with pytest.raises(InvalidArgument):
         model_dir("bad\nid")
     assert len(os.path.basename(model_dir("x" * 500))) <= 65
+
+
+def test_gc_sweeps_unindexed_packs_and_keeps_live_blocks(wh: TokenWarehouse, vol: Volume
+                                                          ) -> None:
+    """`lodestore gc` (storage.maintenance.gc) deletes a crash's unindexed pack and frees
+    its chunks in the same run; indexed blocks stay readable."""
+    from storage.maintenance import gc
+
+    toks = tokens(2 * BS)
+    data = blocks_for(2, seed=9)
+    wh.register_model("acme", MODEL, BS, block_bytes=BLOCK)
+    live = wh.put_blocks("acme", MODEL, toks, data, BS)
+    vol.write("acme", f"{KV_ROOT}/{model_dir(MODEL)}/p/cd/cd{'1' * 30}",
+              blocks_for(3, seed=10)[2] * 2, attrs={"kind": "kv_pack", "blocks": 2})
+    assert len(pack_files(vol, "acme")) == 2
+    rep = gc(vol, grace=0)
+    assert rep.kv_packs_deleted == 1 and rep.chunks_deleted >= 1
+    assert len(pack_files(vol, "acme")) == 1
+    wh.drop_hot()
+    assert wh.get_blocks("acme", MODEL, live) == data
