@@ -492,6 +492,11 @@ class AuditLog:
     def directory(self) -> Path:
         return self._dir
 
+    def busy(self) -> bool:
+        """Is a commit running or queued? (A hint, read without the lock: an append now
+        would likely wait behind it.)"""
+        return self._leader or bool(self._pending) or self._closed
+
     # ------------------------------------------------------------------ public: append
 
     def append(self, event: AuditEvent, durable: bool = True) -> None:

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from .memory import MemoryDoor
 
 T = TypeVar("T")
+_SLOW = object()  # a fast body's answer: this call needs I/O, run the full body in a thread
 
 # Volumes live here, keyed by their gateway, not on the gateway: nothing a tool can reach
 # from the object it is handed leads around the door.
@@ -250,6 +251,39 @@ class Gateway:
                 await anyio.to_thread.run_sync(self._finish, call, exc)
             raise
 
+    async def _arun_fast(self, p: Principal, op: str, path: str | None,
+                         fast: Callable[[_Call], Any], body: Callable[[_Call], T]) -> T:
+        """Like ``_arun``, but first tries ``fast`` on the event loop: a body that only
+        touches metadata rows (a stat, a read of a file inlined in its row) takes ~50 us,
+        less than the ~70 us hop to a worker thread and back. ``fast`` returns ``_SLOW``
+        when the call needs I/O after all; then ``body`` runs in a thread as usual. Only
+        tried while the audit log is idle (an allowed read's event is then one write on
+        the loop, no fsync); failures are audited from a thread (their events fsync)."""
+        call = _Call(p, op, path, self.transport)
+        try:
+            priority = self.policy(p).policy.qos.priority
+            async with self._qos.admit(p.tenant, 0, priority) as ticket:
+                call.ticket = ticket
+                if not self._audit.busy():
+                    try:
+                        result = fast(call)
+                    except BaseException as exc:
+                        call.audited = True
+                        await anyio.to_thread.run_sync(self._finish, call, exc)
+                        raise
+                    if result is not _SLOW:
+                        call.audited = True
+                        if call.event.decision in ("allow", "masked"):
+                            self._finish(call, None)  # lazy event: one write, no fsync
+                        else:
+                            await anyio.to_thread.run_sync(self._finish, call, None)
+                        return result
+                return await anyio.to_thread.run_sync(self._body_then_audit, call, body)
+        except BaseException as exc:
+            if not call.audited:  # refused before the body ran (QoS, policy lookup)
+                await anyio.to_thread.run_sync(self._finish, call, exc)
+            raise
+
     def _body_then_audit(self, call: _Call, body: Callable[[_Call], T]) -> T:
         try:
             result = body(call)
@@ -421,12 +455,17 @@ class Gateway:
 
     async def aread(self, p: Principal, path: str, offset: int = 0, length: int | None = None
                     ) -> ReadResult:
-        return await self._arun(p, "read_file", path, lambda c: self._read(p, c, offset, length))
+        return await self._arun_fast(
+            p, "read_file", path, lambda c: self._read(p, c, offset, length, inline_only=True),
+            lambda c: self._read(p, c, offset, length))
 
-    def _read(self, p: Principal, call: _Call, offset: int, length: int | None) -> ReadResult:
+    def _read(self, p: Principal, call: _Call, offset: int, length: int | None,
+              inline_only: bool = False) -> Any:
         path = call.path
         pol = self._can(p, path, write=False)
         reader = self._v().open_file(p.tenant, path)
+        if inline_only and not reader.inline:
+            return _SLOW
         data = reader.read(offset, length)
         if call.ticket is not None:
             call.ticket.charge(len(data))
@@ -604,13 +643,20 @@ class Gateway:
                              decision.redacted, scanned)
 
     def stat(self, p: Principal, path: str) -> FileInfo:
-        def body(call: _Call) -> FileInfo:
-            path_ = call.path
-            pol = self.policy(p)
-            if not (pol.can_read(p.role, path_) or pol.can_list(p.role, path_)):
-                self._can(p, path_, write=False)
-            return self._v().stat(p.tenant, path_)
-        return self._run(p, "get_file_info", path, body)
+        return self._run(p, "get_file_info", path, lambda c: self._stat(p, c))
+
+    async def astat(self, p: Principal, path: str) -> FileInfo:
+        """``stat`` for async callers: metadata only, so it runs on the loop (see
+        ``_arun_fast``)."""
+        return await self._arun_fast(p, "get_file_info", path, lambda c: self._stat(p, c),
+                                     lambda c: self._stat(p, c))
+
+    def _stat(self, p: Principal, call: _Call) -> FileInfo:
+        path_ = call.path
+        pol = self.policy(p)
+        if not (pol.can_read(p.role, path_) or pol.can_list(p.role, path_)):
+            self._can(p, path_, write=False)
+        return self._v().stat(p.tenant, path_)
 
     def list_dir(self, p: Principal, path: str, cursor: str | None = None, limit: int = 1000
                  ) -> tuple[list[FileInfo], str | None]:

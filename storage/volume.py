@@ -726,6 +726,11 @@ class FileReader:
             self.starts.append(pos)
             pos += n
 
+    @property
+    def inline(self) -> bool:
+        """Is the content in the metadata row (reads need no fragment I/O)?"""
+        return self.entry.chunks is None
+
     def _pieces(self, offset: int, end: int) -> list[tuple[str, int, int]]:
         out = []
         i = max(0, bisect.bisect_right(self.starts, offset) - 1)

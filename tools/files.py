@@ -568,7 +568,7 @@ class FileInfoResult(BaseModel):
     "stored (inline or number of erasure-coded chunks) and its search-index state.",
     read_only=True, idempotent=True, title="Get file info")
 async def get_file_info(ctx: ToolContext, path: PathArg) -> FileInfoResult:
-    info: FileInfo = await _sync(ctx.gateway.stat, ctx.principal, path)
+    info: FileInfo = await ctx.gateway.astat(ctx.principal, path)
     labels, redacted = governance_of(info.attrs)
     attrs = info.attrs or {}
     state = detail = None
