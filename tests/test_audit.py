@@ -773,3 +773,41 @@ def test_gateway_fsyncs_writes_and_refusals_at_once_and_reads_lazily(tmp_path):
         assert audit._dirty_since is None  # an error event is fsynced at once
     finally:
         app.close()
+
+
+def test_async_reads_on_the_loop_are_audited_like_threaded_ones(tmp_path):
+    """aread/astat of small (inline) files run on the event loop: one event each, lazy
+    for allowed reads, fsynced for errors; chunked files take the threaded path."""
+    import anyio
+
+    from server.wiring import open_app
+    from storage import StoreConfig, Volume
+
+    home = tmp_path / "home"
+    Volume.init(home, StoreConfig.embedded(home, inline_threshold=1024)).close()
+    app = open_app(home)
+    try:
+        app.principals.add_tenant("acme")
+        p = app.gateway.authenticate(app.principals.add_agent("acme", "bot"))
+        gw, audit = app.gateway, app.audit
+        gw.write(p, "/small.md", b"tiny")
+        gw.write(p, "/big.bin", bytes(range(256)) * 64)  # 16 KiB: chunked
+
+        async def flow() -> None:
+            r = await gw.aread(p, "/small.md")
+            assert r.data == b"tiny" and audit._dirty_since is not None
+            assert (await gw.astat(p, "/small.md")).size == 4
+            assert (await gw.aread(p, "/big.bin", 100, 10)).data == (bytes(range(256)) * 64)[100:110]
+            with pytest.raises(Exception):  # noqa: B017 - not found
+                await gw.aread(p, "/nope.md")
+            assert audit._dirty_since is None  # the error event was fsynced
+
+        anyio.run(flow)
+        _cols, rows = audit.query(
+            "SELECT operation, path, decision, error FROM audit WHERE operation IN "
+            "('read_file', 'get_file_info') ORDER BY seq")
+        assert [(r[0], r[1], r[2]) for r in rows] == [
+            ("read_file", "/small.md", "allow"), ("get_file_info", "/small.md", "allow"),
+            ("read_file", "/big.bin", "allow"), ("read_file", "/nope.md", "error")]
+    finally:
+        app.close()
