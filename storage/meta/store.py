@@ -65,6 +65,7 @@ class ChunkRecord:
 _FIELDS = ("tenant", "parent", "name", "ino", "kind", "version", "size", "ctime", "mtime",
            "data", "chunks", "attrs")
 _ECOLS = ", ".join(_FIELDS) + ", state, intent, pending"
+_LCOLS = _ECOLS.replace("data,", "NULL,", 1)  # listings: no inline content
 _KEY = "tenant = ? AND parent = ? AND name = ?"
 _EXACT = _KEY + " AND version = ? AND ino = ? AND state = 0"
 _INSERT = (f"INSERT INTO entries ({', '.join(_FIELDS)}, vshard, state, intent, pending) "
@@ -212,7 +213,9 @@ class MetaStore:
         """Up to ``limit`` visible entries after ``after``, in byte order of names.
 
         Rows hidden by an undecided move are skipped without counting towards the
-        limit, so a short page always means the end of the directory."""
+        limit, so a short page always means the end of the directory. Inline file content
+        is left out (``data`` None): a listing of small files would otherwise read them all.
+        """
         vs = self.vshard_of(tenant, ino)
         eng = self.engine(vs)
         out: list[Entry] = []
@@ -221,11 +224,11 @@ class MetaStore:
             with eng.read() as cur:
                 if after is None:
                     cur.execute(eng.sql(
-                        f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
+                        f"SELECT {_LCOLS} FROM entries WHERE tenant = ? AND parent = ? "
                         "ORDER BY name LIMIT ?"), (tenant, ino, want))
                 else:
                     cur.execute(eng.sql(
-                        f"SELECT {_ECOLS} FROM entries WHERE tenant = ? AND parent = ? "
+                        f"SELECT {_LCOLS} FROM entries WHERE tenant = ? AND parent = ? "
                         "AND name > ? ORDER BY name LIMIT ?"), (tenant, ino, after, want))
                 rows = cur.fetchall()
             for row in rows:
