@@ -257,6 +257,7 @@ def connection_help(public_url: str, transports: Iterable[str]) -> str:
         lines.append(f"  streamable HTTP  {base}/mcp")
     if "sse" in t:
         lines.append(f"  legacy SSE       {base}/sse")
+    lines.append(f"  token warehouse  {base}/v1/kv   (KV-cache blocks; server/kv_client.py)")
     lines.append(f"  health           {base}/healthz   metrics {base}/metrics")
     return "\n".join(lines)
 
