@@ -146,9 +146,11 @@ class Gateway:
         self._usage: dict[str, tuple[int, int, float]] = {}
         self._qos_seen: dict[str, int] = {}
         self.transport = transport
-        # Called after a successful write/delete/move with (principal, path, info|None);
-        # the search index subscribes here. Exceptions in hooks are logged, not raised.
-        self.hooks: list[Callable[[Principal, str, str, FileInfo | None], None]] = []
+        # Called after a successful write/delete/move with (principal, what, path,
+        # info|None, stored content|None); the search index subscribes here. Exceptions in
+        # hooks are logged, not raised.
+        self.hooks: list[Callable[[Principal, str, str, FileInfo | None, bytes | None],
+                                  None]] = []
         self._memory: Any = None
 
     @property
@@ -536,7 +538,9 @@ class Gateway:
             info = vol.write(p.tenant, path, decision.content, mode=mode,
                              expected_version=expected_version, attrs=attrs)
             labels, redacted = decision.labels, decision.redacted
+            content: bytes | None = decision.content
         else:
+            content = None
             if mode == "append":
                 raise InvalidArgument("appends take bytes, not a stream; read the data first")
             self._check_quota(p, pol, size_hint or 0, 0 if existed else 1)
@@ -561,17 +565,17 @@ class Gateway:
                 call.ticket.charge(info.size - (size_hint or 0))
             scanned = state["final"]["scanned"]
             labels, redacted = state["final"]["labels"], state["final"]["redacted"]
-        return self._written(p, call, path, info, existed, labels, redacted, scanned)
+        return self._written(p, call, path, info, existed, labels, redacted, scanned, content)
 
     def _written(self, p: Principal, call: _Call, path: str, info: FileInfo,
                  existed: FileInfo | None, labels: list[str], redacted: dict[str, int],
-                 scanned: str) -> WriteResult:
+                 scanned: str, content: bytes | None = None) -> WriteResult:
         self._adjust_usage(p.tenant, info.size - (existed.size if existed else 0),
                            0 if existed else 1)
         call.event.bytes = info.size
         call.event.labels = list(labels)
         call.event.decision = "redact" if redacted else ("tag" if labels else "allow")
-        self._notify(p, "write", path, info)
+        self._notify(p, "write", path, info, content)
         return WriteResult(info, list(labels), dict(redacted), scanned)
 
     def _append(self, p: Principal, call: _Call, pol: Compiled, data: bytes,
@@ -612,7 +616,7 @@ class Gateway:
                                      expected_version=version,
                                      attrs=decision.attrs(pol.version, scanned))
                     return self._written(p, call, path, info, existed, decision.labels,
-                                         decision.redacted, scanned)
+                                         decision.redacted, scanned, decision.content)
                 return self._append_large(p, call, pol, data, existed)
             except VersionMismatch:
                 if expected_version is not None:
@@ -777,10 +781,13 @@ class Gateway:
                       labels=d.labels, redacted=d.redacted)
         return report
 
-    def _notify(self, p: Principal, what: str, path: str, info: FileInfo | None) -> None:
+    def _notify(self, p: Principal, what: str, path: str, info: FileInfo | None,
+                content: bytes | None = None) -> None:
+        """Tell the hooks; ``content`` is the whole stored content of a written version
+        when the write had it at hand (the search index then needs no read back)."""
         for hook in self.hooks:
             try:
-                hook(p, what, path, info)
+                hook(p, what, path, info, content)
             except Exception:  # noqa: BLE001 - an index must never fail a committed write
                 import logging
 

@@ -19,12 +19,13 @@ gateway's write hooks and reads content only through the gateway:
   byte, whatever any role's clearance), so PII values never enter the index; redacted
   values are already gone from the content. Binary files are skipped. A PII value is
   therefore never searchable, by anyone: a search cannot reveal that a file holds it.
-* **When**: the write hook only records the new version as ``pending`` (cheap, no read:
-  it runs inside the writer's admitted call, and a nested read could wait on the writer's
-  own QoS slot). The file tools call :meth:`SearchIndex.flush` right after their write
-  returns, which indexes text up to ``sync_bytes`` (1 MiB) at once, so a search that
-  follows a ``write_file`` finds it. Larger files, and writes through other doors (the
-  CLI), are indexed by a background worker thread. ``state()`` tells which
+* **When**: the write hook records the new version as ``pending``; when the gateway hands
+  it the stored content of a small version (up to ``sync_bytes``, 1 MiB), the hook masks
+  and indexes it right there, in the writer's call (no read back, so no nested QoS wait
+  and no second audit event). Otherwise the file tools call :meth:`SearchIndex.flush`
+  right after their write returns, which reads and indexes text up to ``sync_bytes`` at
+  once, so a search that follows a ``write_file`` finds it. Larger files, and writes
+  through other doors (the CLI), are indexed by a background worker thread. ``state()`` tells which
   (``indexed`` / ``pending`` / ``skipped``), for ``get_file_info``.
 * **Who reads**: the indexer reads through the gateway as the principal
   ``search-indexer`` of the tenant, with the writer's role if that role may read the path
@@ -302,9 +303,12 @@ class SearchIndex:
 
     # -- the write hook -----------------------------------------------------------------
 
-    def on_change(self, p: Principal, what: str, path: str, info: FileInfo | None) -> None:
+    def on_change(self, p: Principal, what: str, path: str, info: FileInfo | None,
+                  content: bytes | None = None) -> None:
         """Gateway hook: ('write', path, info) / ('delete', path, None) / a move, which
-        the gateway reports as ('move', src, None) then ('write', dst, info)."""
+        the gateway reports as ('move', src, None) then ('write', dst, info). With the
+        stored ``content`` of a small written version, it is indexed right here, in the
+        writer's call: no read back through the gateway, no second audit event."""
         moving = getattr(self._local, "moving", None)
         self._local.moving = None
         if what == "move":
@@ -321,6 +325,12 @@ class SearchIndex:
         if info.is_dir:
             return
         self._record(p.tenant, info, p.role)
+        if content is not None and len(content) == info.size and info.size <= self.sync_bytes:
+            try:
+                self._index(p.tenant, info.path, self.sync_bytes,
+                            given=(info.version, content, info))
+            except Exception:  # noqa: BLE001 - indexing never fails the write that caused it
+                log.exception("indexing %s failed", info.path)
 
     def _record(self, tenant: str, info: FileInfo, role: str | None) -> None:
         """A new version exists: remember it as pending (or skipped) and queue it."""
@@ -458,7 +468,10 @@ class SearchIndex:
                 return None
             row = fresh
 
-    def _index(self, tenant: str, path: str, max_size: int | None) -> None:
+    def _index(self, tenant: str, path: str, max_size: int | None,
+               given: tuple[int, bytes, FileInfo] | None = None) -> None:
+        """Index ``path``'s pending version; ``given`` = (version, stored content, info)
+        from the writer, used instead of a read when it is that version."""
         lock = self._stripes[hash((tenant, path)) % len(self._stripes)]
         with lock:
             row = self._row(tenant, path)
@@ -466,12 +479,15 @@ class SearchIndex:
                 return
             if max_size is not None and row["size"] > max_size:
                 return  # the worker takes it
-            claimed = self._claim(tenant, path, row, 2.0 if max_size is not None else 0.0)
+            if given is not None and given[0] != row["version"]:
+                return  # a newer version was recorded meanwhile: its own write indexes it
+            wait = 0.0 if given is not None or max_size is None else 2.0
+            claimed = self._claim(tenant, path, row, wait)
             if claimed is None:
                 return  # another process is indexing it
             row = claimed
             try:
-                self._index_row(tenant, path, row)
+                self._index_row(tenant, path, row, given)
             except NotFound:
                 self._forget(tenant, path)
             except Forbidden as exc:
@@ -489,13 +505,26 @@ class SearchIndex:
             finally:
                 self.store.release(row["id"])
 
-    def _index_row(self, tenant: str, path: str, row: dict[str, Any]) -> None:
+    def _index_row(self, tenant: str, path: str, row: dict[str, Any],
+                   given: tuple[int, bytes, FileInfo] | None = None) -> None:
         gw = self.gateway
         pol = gw.policy(Principal(tenant, INDEXER_AGENT, row["role"] or "agent"))
         role = reader_role(pol, path, row["role"])
         if role is None:
             self._set(row["id"], state="skipped",
                       detail="no role in the tenant's policy may read this path")
+            return
+        if given is not None:  # the writer's stored content: masked here like a read
+            _version, content, info = given
+            attrs = info.attrs or {}
+            if attrs.get("scanned") == "binary" or (
+                    attrs.get("scanned") != "text" and is_binary(content[: 64 << 10])):
+                self.store.skip_binary(row["id"], info.version)
+                return
+            body = mask_all(content, 0, list(attrs.get("spans") or [])).decode(
+                "utf-8", "replace")
+            self.store.store(row["id"], tenant, body, info.version, None,
+                             sorted(attrs.get("labels") or []), info.size, info.mtime)
             return
         who = Principal(tenant, INDEXER_AGENT, role)
         first = gw.read(who, path, 0, min(READ_PIECE, self.max_index_bytes))
