@@ -206,11 +206,16 @@ class Gateway:
                       ) -> AsyncIterator[AuditEvent]:
         """One audit event for a composite call (search, query_table) whose data access
         goes through the gateway's own governed reads (each audited and QoS-admitted
-        itself, so this adds no QoS slot: a nested admit could starve its own reads).
-        The body may set ``bytes``, ``labels`` and ``decision`` on the yielded event; it
-        must never put content or query text there."""
+        itself). The call itself is admitted for one operation of the tenant's rate
+        (a rate-limited tenant waits or is refused here), but holds no concurrency slot
+        while it runs: a nested admit could starve its own reads. The body may set
+        ``bytes``, ``labels`` and ``decision`` on the yielded event; it must never put
+        content or query text there."""
         call = _Call(p, op, path, self.transport)
         try:
+            priority = self.policy(p).policy.qos.priority
+            ticket = await self._qos.acquire(p.tenant, 0, priority)
+            await ticket.arelease()
             yield call.event
         except BaseException as exc:
             await anyio.to_thread.run_sync(self._finish, call, exc)

@@ -343,3 +343,26 @@ def test_each_search_is_one_audit_event_without_the_query(env):
     cols, rows = a.gateway._audit.query(
         "SELECT count(*) FROM audit WHERE path LIKE '%uniquequeryword%'")
     assert rows[0][0] == 0
+
+
+def test_search_counts_against_the_tenants_rate_and_can_run_at_max_concurrency_1(tmp_path):
+    """A search is one operation of the tenant's QoS rate (a flood is refused with
+    rate_limited), and never deadlocks on its own reads when only one call may run."""
+    e = Env(tmp_path / "home")
+    try:
+        pr = e.app.principals
+        pr.set_policy("acme", POLICY + "\nqos: {ops_per_second: 1, burst: 4, "
+                                        "max_concurrency: 1, max_wait_ms: 0}\n")
+        a = e.ctx("agent")
+        run(F.write_file, a, "/q/one.md", "narwhal facts\n")
+        time.sleep(1.2)  # refill
+        assert paths_of(find(e, "narwhal")) == ["/q/one.md"]  # snippet read nested inside
+        codes = []
+        for _ in range(8):  # no hits: no snippet reads, only the search itself costs
+            try:
+                find(e, "zzzunknownword")
+            except ToolError as exc:
+                codes.append(exc.code)
+        assert "rate_limited" in codes
+    finally:
+        e.close()
