@@ -182,3 +182,12 @@ def test_count_range(kv):
     time.sleep(0.3)
     kv.scan("acme", "t/")  # a scan drops expired keys (Redis keeps index entries until then)
     assert kv.count_range("acme", "t/0000", "t/9999") == 50
+
+
+def test_delete_many(kv):
+    kv.put_many("acme", [(f"d/{i}", b"x") for i in range(10)])
+    kv.put("beta", "d/1", b"other tenant")
+    assert kv.delete_many("acme", ["d/1", "d/2", "d/nope"]) == 2
+    assert [k for k, _ in kv.scan("acme", "d/")] == [f"d/{i}" for i in (0, 3, 4, 5, 6, 7, 8, 9)]
+    assert kv.get("beta", "d/1") == b"other tenant"
+    assert kv.delete_many("acme", []) == 0

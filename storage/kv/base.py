@@ -74,6 +74,10 @@ class KVStore(ABC):
     def delete(self, ns: str, key: str) -> bool: ...
 
     @abstractmethod
+    def delete_many(self, ns: str, keys: Sequence[str]) -> int:
+        """Delete several keys in one atomic step; returns how many existed."""
+
+    @abstractmethod
     def cas(self, ns: str, key: str, expected: bytes | None, value: bytes | None,
             ttl: float | None = None) -> bool:
         """Set ``key`` to ``value`` (None deletes) only if it now holds ``expected``

@@ -101,6 +101,18 @@ class RedisKV(KVStore):
         self._sync()
         return bool(n)
 
+    def delete_many(self, ns: str, keys: Sequence[str]) -> int:
+        ns = self._ns(ns)
+        keys = [check_key(k) for k in keys]
+        if not keys:
+            return 0
+        pipe = self.r.pipeline(transaction=True)
+        pipe.delete(*[self._vk(ns, k) for k in keys])
+        pipe.zrem(self._ik(ns), *keys)
+        n, _ = pipe.execute()
+        self._sync()
+        return int(n)
+
     def cas(self, ns: str, key: str, expected: bytes | None, value: bytes | None,
             ttl: float | None = None) -> bool:
         ns, key = self._ns(ns), check_key(key)

@@ -104,6 +104,29 @@ class SqliteKV(KVStore):
         c.execute("DELETE FROM kv WHERE ns=? AND key=?", (ns, key))  # an expired leftover
         return cur.rowcount > 0
 
+    def delete_many(self, ns: str, keys: Sequence[str]) -> int:
+        ns = self._ns(ns)
+        rows = [(ns, check_key(k)) for k in keys]
+        if not rows:
+            return 0
+        now = time.time()
+        c = self._conn()
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            live = 0
+            for i in range(0, len(rows), 500):
+                part = [k for _ns, k in rows[i:i + 500]]
+                marks = ",".join("?" * len(part))
+                live += c.execute(f"SELECT count(*) FROM kv WHERE ns=? AND key IN ({marks}) "
+                                  "AND (expires IS NULL OR expires > ?)",
+                                  (ns, *part, now)).fetchone()[0]
+            c.executemany("DELETE FROM kv WHERE ns=? AND key=?", rows)
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+        return int(live)
+
     def cas(self, ns: str, key: str, expected: bytes | None, value: bytes | None,
             ttl: float | None = None) -> bool:
         ns, key = self._ns(ns), check_key(key)

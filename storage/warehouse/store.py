@@ -515,14 +515,16 @@ class TokenWarehouse:
         n = 0
         usage = self._usage.get(tenant)
         # the index first (blocks vanish at once), then the files (packs, objects, old blocks)
-        for key, _raw in list(self._scan(tenant, f"{INDEX}/{info.dir}/")):
+        keys = [key for key, _raw in self._scan(tenant, f"{INDEX}/{info.dir}/")]
+        for key in keys:
             if key.startswith(f"{INDEX}/{info.dir}/b/"):
                 n += 1
                 if usage is not None:
                     with self._lock:
                         usage.remove(f"{root}/b/{key[-2 * HASH_BYTES:][:2]}/"
                                      f"{key[-2 * HASH_BYTES:]}")
-            self.vol.kv.delete(tenant, key)
+        for i in range(0, len(keys), 1000):  # one transaction per thousand keys
+            self.vol.kv.delete_many(tenant, keys[i:i + 1000])
         for fi in self._walk_files(tenant, root):
             if fi.path == f"{root}/{MANIFEST}" or fi.path.startswith(f"{root}/p/"):
                 continue
@@ -1051,10 +1053,10 @@ class TokenWarehouse:
         if sp is not None:
             mdir, hx = sp
             e = self._index_get(tenant, mdir, [hx])[0]
-            if self.vol.kv.delete(tenant, _index_key(mdir, hx)):
-                removed = True
+            keys = [_index_key(mdir, hx)] + ([_ref_key(mdir, e.pack, hx)] if e else [])
+            self.vol.kv.delete_many(tenant, keys)  # the entry and its pack marker at once
+            removed = e is not None  # a live entry was there (expired ones read as absent)
             if e is not None:
-                self.vol.kv.delete(tenant, _ref_key(mdir, e.pack, hx))
                 self._drop_pack_if_empty(tenant, mdir, e.pack)
             if not self._has_legacy(tenant, mdir):
                 return removed
