@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from storage.errors import StorageError
 from storage.warehouse import KV_ROOT, TokenWarehouse, model_dir
-from storage.warehouse.store import BlockInfo, ModelInfo, PutResult
+from storage.warehouse.records import BlockInfo, ModelInfo, PutResult
 
 from .gateway import _DOORS, Gateway, _Call
 from .principals import Principal

@@ -11,19 +11,18 @@ from .hashing import (
     root_hash,
     sha256_cbor,
 )
-from .store import (
-    KV_ROOT,
+from .records import (
     BadBlock,
     BlockInfo,
     HashMismatch,
     ModelInfo,
     ModelMismatch,
     PutResult,
-    TokenWarehouse,
     UnknownModel,
     model_dir,
     parse_hash,
 )
+from .store import KV_ROOT, TokenWarehouse
 
 __all__ = [
     "DEFAULT_HASH_SEED", "HASH_ALGORITHM", "KV_ROOT", "NONE_HASH", "BadBlock", "BlockInfo",

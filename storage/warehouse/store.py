@@ -63,10 +63,8 @@ import hashlib
 import heapq
 import json
 import os
-import re
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -83,13 +81,26 @@ from ..errors import (
 from ..volume import FileInfo, Volume, decode_cursor, encode_cursor
 from . import hashing
 from .hashing import HASH_ALGORITHM, HASH_BYTES
+from .memory_tiers import HotTier, _Usage
+from .records import (
+    MAX_BLOCK_BYTES,
+    BadBlock,
+    BlockInfo,
+    HashMismatch,
+    ModelInfo,
+    ModelMismatch,
+    PutResult,
+    UnknownModel,
+    _as_block,
+    _check_key,
+    check_model_id,
+    model_dir,
+    parse_hash,
+)
 
 KV_ROOT = "/.lodestore/kv"
 MANIFEST = "model.json"
-MAX_MODEL_ID = 512
-MAX_BLOCK_BYTES = 256 << 20
 MAX_BLOCKS_PER_CALL = 4096
-MAX_KEY_CHARS = 1024
 # A put's new blocks go into packs of at most this many bytes (one block may exceed it
 # alone). Small enough that a large put writes, and a get reads, several packs in
 # parallel (measured faster than 16 or 64 MiB packs for 5.6 MiB blocks); large enough
@@ -150,196 +161,6 @@ class _Entry:
                           d.get("par"), float(d.get("t", 0.0)))
         except (ValueError, KeyError, TypeError):
             return None  # a damaged entry reads as a miss (the warehouse is a cache)
-
-
-class UnknownModel(NotFound):
-    code = "unknown_model"
-
-    def __init__(self, model: str) -> None:
-        self.model = model
-        super().__init__(
-            f"unknown model {model!r} in the token warehouse; register it (with its "
-            "block_size) or put blocks for it first")
-
-
-class ModelMismatch(InvalidArgument):
-    """The call disagrees with the model's manifest (block size, block bytes, root)."""
-
-    code = "kv_model_mismatch"
-
-
-class BadBlock(InvalidArgument):
-    """A block that is empty, truncated, oversized or not bytes."""
-
-    code = "kv_bad_block"
-
-
-class HashMismatch(InvalidArgument):
-    """A given block hash is not the hash of the given token ids."""
-
-    code = "kv_hash_mismatch"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model: str
-    dir: str
-    block_size: int | None  # None until token blocks are put (keyed objects need none)
-    block_bytes: int | None  # bytes of one full block; None until known
-    dtype: str | None
-    root: bytes  # the chain root (vLLM's NONE_HASH)
-    hash_algorithm: str
-    created: float
-    version: int = 0  # the manifest file's version
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "dir": self.dir, "block_size": self.block_size,
-                "block_bytes": self.block_bytes, "dtype": self.dtype,
-                "root": self.root.hex(), "hash_algorithm": self.hash_algorithm,
-                "created": self.created}
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    hash: bytes
-    size: int
-    position: int | None  # index in its chain: it covers (position + 1) * block_size tokens
-    expires: float | None
-    mtime: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"hash": self.hash.hex(), "size": self.size, "position": self.position,
-                "expires": self.expires, "mtime": self.mtime}
-
-
-@dataclass(frozen=True)
-class PutResult:
-    hashes: list[bytes]
-    written: int  # blocks stored by this call (the rest were already there)
-    bytes_written: int
-
-
-def check_model_id(model: Any) -> str:
-    if not isinstance(model, str) or not 1 <= len(model) <= MAX_MODEL_ID:
-        raise InvalidArgument(f"model id must be a string of 1-{MAX_MODEL_ID} characters, "
-                              f"e.g. 'HuggingFaceTB/SmolLM2-135M'")
-    if not model.isprintable():
-        raise InvalidArgument(f"model id {model[:60]!r} contains control characters")
-    return model
-
-
-def model_dir(model: str) -> str:
-    """A safe, unique folder name for a model id: slug plus 16 hex digits of its SHA-256."""
-    check_model_id(model)
-    slug = re.sub(r"[^a-z0-9._-]+", "-", model.lower()).strip("-._")[:48].strip("-._")
-    return f"{slug or 'model'}-{hashlib.sha256(model.encode()).hexdigest()[:16]}"
-
-
-def parse_hash(h: Any, what: str = "hash") -> bytes:
-    """A block hash given as 32 bytes or 64 hex digits."""
-    if isinstance(h, bytes | bytearray | memoryview) and len(h) == HASH_BYTES:
-        return bytes(h)
-    if isinstance(h, str) and len(h) == 2 * HASH_BYTES:
-        try:
-            return bytes.fromhex(h)
-        except ValueError:
-            pass
-    raise InvalidArgument(f"{what} must be {HASH_BYTES} bytes or {2 * HASH_BYTES} hex digits, "
-                          f"got {str(h)[:80]!r}")
-
-
-def _check_key(key: Any) -> str:
-    if not isinstance(key, str) or not 1 <= len(key) <= MAX_KEY_CHARS or not key.isprintable():
-        raise InvalidArgument(f"object key must be 1-{MAX_KEY_CHARS} printable characters")
-    return key
-
-
-def _as_block(b: Any, i: int) -> bytes | memoryview:
-    if not isinstance(b, bytes | bytearray | memoryview):
-        raise BadBlock(f"block {i} is {type(b).__name__}, not bytes; send raw block bytes")
-    if len(b) == 0:
-        raise BadBlock(f"block {i} is empty; a block holds the KV tensors of its tokens")
-    if len(b) > MAX_BLOCK_BYTES:
-        raise BadBlock(f"block {i} is {len(b):,} bytes, over the {MAX_BLOCK_BYTES:,}-byte limit")
-    return b
-
-
-class HotTier:
-    """A size-bounded LRU of block bytes with their expiry, shared by all threads."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max(0, int(max_bytes))
-        self.bytes = 0
-        self._d: OrderedDict[tuple[str, str], tuple[bytes, float | None]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[str, str], now: float) -> bytes | None:
-        with self._lock:
-            hit = self._d.get(key)
-            if hit is None:
-                return None
-            if hit[1] is not None and hit[1] <= now:
-                self._drop(key)
-                return None
-            self._d.move_to_end(key)
-            return hit[0]
-
-    def put(self, key: tuple[str, str], data: bytes, expires: float | None) -> None:
-        if len(data) > self.max_bytes:
-            return
-        with self._lock:
-            self._drop(key)
-            self._d[key] = (data, expires)
-            self.bytes += len(data)
-            while self.bytes > self.max_bytes:
-                _k, (old, _e) = self._d.popitem(last=False)
-                self.bytes -= len(old)
-
-    def _drop(self, key: tuple[str, str]) -> None:
-        old = self._d.pop(key, None)
-        if old is not None:
-            self.bytes -= len(old[0])
-
-    def pop(self, key: tuple[str, str]) -> None:
-        with self._lock:
-            self._drop(key)
-
-    def pop_under(self, tenant: str, prefix: str) -> None:
-        with self._lock:
-            for k in [k for k in self._d if k[0] == tenant and k[1].startswith(prefix)]:
-                self._drop(k)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._d.clear()
-            self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-
-class _Usage:
-    """One tenant's KV files in recency order (LRU first) and their total bytes."""
-
-    def __init__(self) -> None:
-        self.order: OrderedDict[str, int] = OrderedDict()
-        self.total = 0
-
-    def add(self, path: str, size: int) -> None:
-        old = self.order.pop(path, None)
-        if old is not None:
-            self.total -= old
-        self.order[path] = size
-        self.total += size
-
-    def touch(self, path: str) -> None:
-        if path in self.order:
-            self.order.move_to_end(path)
-
-    def remove(self, path: str) -> None:
-        old = self.order.pop(path, None)
-        if old is not None:
-            self.total -= old
 
 
 class TokenWarehouse:
