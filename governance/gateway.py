@@ -101,7 +101,7 @@ def _audit_path(path: str | None) -> str | None:
 class _Call:
     """One governed operation's audit record under construction."""
 
-    __slots__ = ("event", "t0", "raw_path", "ticket", "audited")
+    __slots__ = ("event", "t0", "raw_path", "ticket", "audited", "reader")
 
     def __init__(self, p: Principal, op: str, path: str | None, transport: str | None) -> None:
         self.raw_path = path
@@ -110,6 +110,7 @@ class _Call:
         self.t0 = time.perf_counter()
         self.ticket: Any = None
         self.audited = False
+        self.reader: Any = None  # a FileReader a fast attempt opened, for the full body
 
     @property
     def path(self) -> str:
@@ -470,8 +471,9 @@ class Gateway:
               inline_only: bool = False) -> Any:
         path = call.path
         pol = self._can(p, path, write=False)
-        reader = self._v().open_file(p.tenant, path)
+        reader = call.reader or self._v().open_file(p.tenant, path)
         if inline_only and not reader.inline:
+            call.reader = reader  # the threaded body reads this snapshot: no second lookup
             return _SLOW
         data = reader.read(offset, length)
         if call.ticket is not None:
