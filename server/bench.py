@@ -414,7 +414,7 @@ def encode_rates(chunk_size: int, k: int, m: int, threads: int, seconds: float,
     shares = tuple(erasure.split(chunk, k))
     parity = tuple(range(k, m))
     key = bytes(32)
-    block = 16 * KiB
+    block = 4 * KiB  # the store's default checksum block
 
     def pure() -> Callable[[], None]:
         enc = zfec.Encoder(k, m)
@@ -429,7 +429,8 @@ def encode_rates(chunk_size: int, k: int, m: int, threads: int, seconds: float,
             out = erasure.encode(chunk, k, m)
             slen = len(out[0])
             for i, s in enumerate(out):
-                fragment.encode(fragment.FragmentHeader(k, m, i, block, len(chunk), slen, cid), s)
+                fragment.encode_parts(
+                    fragment.FragmentHeader(k, m, i, block, len(chunk), slen, cid), s)
         return run
 
     # Best of three interleaved rounds: on a shared machine one round can lose its cores.

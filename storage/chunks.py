@@ -86,9 +86,13 @@ class ChunkStore:
         self.targets = {t.id: t for t in targets}
         self.order = [t.id for t in targets]
         self.k, self.m, self.block_size = k, m, block_size
+        self.layout = fragment.FORMAT_VERSION  # of new fragments (older ones stay readable)
         self.min_shares = min(m, k + 1)
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="lodestore-io")
         self._records = _LRU(65536)
+        # checksum tables of layout-3 fragments (~2 KiB per MiB of share); fragments are
+        # content-addressed and immutable, so a cached table never goes stale
+        self._tables = _LRU(8192)
         self._down: dict[str, float] = {}
 
     def close(self) -> None:
@@ -145,9 +149,9 @@ class ChunkStore:
         shares = erasure.encode(data, self.k, self.m)
         slen = len(shares[0])
         frags = [
-            fragment.encode(
+            fragment.encode_parts(
                 fragment.FragmentHeader(self.k, self.m, i, self.block_size, len(data), slen,
-                                        bytes.fromhex(cid)),
+                                        bytes.fromhex(cid), self.layout),
                 shares[i],
             )
             for i in range(self.m)
@@ -156,7 +160,7 @@ class ChunkStore:
         placement = self._place(tenant, cid, frags, batch)
         now = time.time()
         rec = ChunkRecord(tenant, cid, len(data), self.k, self.m, slen, self.block_size,
-                          tuple(placement), now, now)
+                          tuple(placement), now, now, self.layout)
         if batch is not None:
             batch.records.append(rec)
         else:
@@ -172,7 +176,7 @@ class ChunkStore:
             f.result()
         self.meta.chunk_put_many(batch.records)
 
-    def _place(self, tenant: str, cid: str, frags: list[bytearray],
+    def _place(self, tenant: str, cid: str, frags: list[list],
                batch: WriteBatch | None = None) -> list[str]:
         ranked = [t for t in self.rank(cid) if not self.is_down(t)]
         ranked += [t for t in self.rank(cid) if t not in ranked]  # down ones as last resort
@@ -183,7 +187,7 @@ class ChunkStore:
         def put(i: int, tid: str) -> tuple[int, str, Exception | None]:
             try:
                 pending = batch.syncs.setdefault(tid, set()) if batch is not None else None
-                self.targets[tid].put(fragment_key(tenant, cid, i), [frags[i]], pending)
+                self.targets[tid].put(fragment_key(tenant, cid, i), frags[i], pending)
                 return i, tid, None
             except StorageError as exc:
                 return i, tid, exc
@@ -214,16 +218,28 @@ class ChunkStore:
     def _fetch_range(self, rec: ChunkRecord, i: int, start: int, end: int) -> bytes:
         return b"".join(self._fetch_parts(rec, i, start, end))
 
-    def _fetch_parts(self, rec: ChunkRecord, i: int, start: int, end: int) -> list[memoryview]:
+    def _fetch_parts(self, rec: ChunkRecord, i: int, start: int, end: int
+                     ) -> list[memoryview]:
+        """Share i's bytes [start, end), verified, as views (a caller assembling many
+        shares then copies the data once)."""
         tid = rec.placement[i] if i < len(rec.placement) else ""
         target = self.targets.get(tid)
         if target is None:
             raise NotFound(f"share {i} has no live copy")
         key = fragment_key(rec.tenant, rec.cid, i)
-        return fragment.read_range_parts(
-            lambda off, n: target.get_range(key, off, n),
-            bytes.fromhex(rec.cid), i, rec.block_size, rec.share_len, start, end,
-        )
+        cid = bytes.fromhex(rec.cid)
+
+        def fetch(off: int, n: int) -> bytes:
+            return target.get_range(key, off, n)
+
+        if rec.layout == 2:
+            return fragment.read_range2(fetch, cid, i, rec.block_size, rec.share_len,
+                                        start, end)
+        tkey = (rec.tenant, rec.cid, i, rec.block_size)
+        view = fragment.read_range3(fetch, cid, i, rec.block_size, rec.share_len, start, end,
+                                    self._tables.get(tkey),
+                                    lambda t: self._tables.put(tkey, t))
+        return [view] if len(view) else []
 
     def read(self, tenant: str, cid: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a chunk, decoding from parity only when needed.
@@ -404,16 +420,16 @@ class ChunkStore:
                 still.append(i)
                 placement[i] = ""
                 continue
-            frag = fragment.encode(
+            frag = fragment.encode_parts(  # in the layout of the chunk's other shares
                 fragment.FragmentHeader(rec.k, rec.m, i, rec.block_size, rec.length,
-                                        rec.share_len, bytes.fromhex(rec.cid)),
+                                        rec.share_len, bytes.fromhex(rec.cid), rec.layout),
                 shares[i],
             )
             key = fragment_key(rec.tenant, rec.cid, i)
             try:
                 if choice == home:  # object stores keep an existing key: clear it first
                     self.targets[choice].delete(key)
-                self.targets[choice].put(key, [frag])
+                self.targets[choice].put(key, frag)
             except StorageError:
                 still.append(i)
                 placement[i] = ""
@@ -424,7 +440,8 @@ class ChunkStore:
             placement[i] = choice
             used.add(choice)
         new = ChunkRecord(rec.tenant, rec.cid, rec.length, rec.k, rec.m, rec.share_len,
-                          rec.block_size, tuple(placement), rec.created, rec.touched)
+                          rec.block_size, tuple(placement), rec.created, rec.touched,
+                          rec.layout)
         self.meta.chunk_set_placement(rec.tenant, rec.cid, new.placement)
         self._records.put((rec.tenant, rec.cid), new)
         return new, still

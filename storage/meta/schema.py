@@ -61,6 +61,8 @@ chunks = Table(
     Column("placement", Text, nullable=False),  # target id per share, comma-separated
     Column("created", Float, nullable=False),
     Column("touched", Float, nullable=False),
+    # fragment layout (see storage/fragment.py); rows from before the column are layout 2
+    Column("layout", SmallInteger, nullable=False, server_default="2"),
 )
 
 # Commit records of cross-engine moves, kept in the source engine.

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import xxhash
+from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.exc import OperationalError as SAOperationalError
 
 from ..errors import AlreadyExists, ConcurrentChange, ConfigError, UnknownTenant
@@ -60,6 +61,7 @@ class ChunkRecord:
     placement: tuple[str, ...]  # target id per share index ('' = no copy)
     created: float
     touched: float
+    layout: int = 2  # fragment layout of its shares (storage/fragment.py)
 
 
 _FIELDS = ("tenant", "parent", "name", "ino", "kind", "version", "size", "ctime", "mtime",
@@ -71,7 +73,7 @@ _EXACT = _KEY + " AND version = ? AND ino = ? AND state = 0"
 _INSERT = (f"INSERT INTO entries ({', '.join(_FIELDS)}, vshard, state, intent, pending) "
            f"VALUES ({', '.join('?' * len(_FIELDS))}, ?, ?, ?, NULL)")
 _SET_CONTENT = ", ".join(f"{f} = ?" for f in _FIELDS[3:])
-_CCOLS = "tenant, cid, length, k, m, share_len, block_size, placement, created, touched"
+_CCOLS = "tenant, cid, length, k, m, share_len, block_size, placement, created, touched, layout"
 S_PENDING_NEW, S_PENDING_REPLACE = 1, 2
 _GET = f"SELECT {_ECOLS} FROM entries WHERE {_KEY}"
 _CHUNK_GET = f"SELECT {_CCOLS} FROM chunks WHERE tenant = ? AND cid = ?"
@@ -113,7 +115,24 @@ def unpack_pending(raw: bytes) -> Entry:
 
 def _chunk(row: tuple) -> ChunkRecord:
     return ChunkRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                       tuple(row[7].split(",")), row[8], row[9])
+                       tuple(row[7].split(",")), row[8], row[9], row[10])
+
+
+def _add_layout_column(eng: SqlEngine) -> None:
+    """Stores made before fragment layout 3 lack ``chunks.layout``: add it (their rows
+    are layout 2). Idempotent, and safe when two processes open the store at once."""
+    if "layout" in {c["name"] for c in sa_inspect(eng.sa).get_columns("chunks")}:
+        return
+    try:
+        with eng.sa.begin() as conn:
+            conn.exec_driver_sql(
+                "ALTER TABLE chunks ADD COLUMN layout SMALLINT NOT NULL DEFAULT 2")
+    except SAOperationalError as exc:
+        if "duplicate column" not in str(exc).lower():
+            raise
+    except Exception as exc:  # PostgreSQL: another process added it first
+        if "already exists" not in str(exc):
+            raise
 
 
 class MetaStore:
@@ -130,6 +149,7 @@ class MetaStore:
         self._keys_lock = threading.Lock()
         for eng in self.engines:
             self._create_schema(eng, meta)
+            _add_layout_column(eng)
         self._create_schema(self.control, control)
 
     @staticmethod
@@ -517,9 +537,9 @@ class MetaStore:
         try:
             with eng.write() as cur:
                 cur.execute(eng.sql(
-                    f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                    f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
                     (rec.tenant, rec.cid, rec.length, rec.k, rec.m, rec.share_len,
-                     rec.block_size, placement, rec.created, rec.touched, vs))
+                     rec.block_size, placement, rec.created, rec.touched, rec.layout, vs))
         except eng.IntegrityError:
             with eng.write() as cur:
                 cur.execute(eng.sql(
@@ -536,7 +556,7 @@ class MetaStore:
         for idx, group in by_engine.items():
             eng = self.engines[idx]
             upsert = eng.sql(
-                f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                f"INSERT INTO chunks ({_CCOLS}, vshard) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (tenant, cid) DO UPDATE SET placement = excluded.placement, "
                 "touched = excluded.touched")
             touch = eng.sql("UPDATE chunks SET touched = ? WHERE tenant = ? AND cid = ?")
@@ -546,7 +566,7 @@ class MetaStore:
                         cur.execute(upsert, (
                             it.tenant, it.cid, it.length, it.k, it.m, it.share_len,
                             it.block_size, ",".join(it.placement), it.created, it.touched,
-                            self.vshard_of(it.tenant, it.cid)))
+                            it.layout, self.vshard_of(it.tenant, it.cid)))
                     else:
                         cur.execute(touch, (now, it[0], it[1]))
 
