@@ -6,6 +6,7 @@ Layout 3 (written today)::
                            share length, chunk id, xxh3 of the tables, xxh32 of the header
     block table            xxh3_64 of every ``block_size`` block of the share
     segment table          xxh3_64 of every 256 KiB segment (a run of whole blocks)
+    zero padding           to a 4 KiB boundary, for shares of 256 KiB or more
     data                   the share, contiguous
 
 A small ranged read verifies only the blocks it fetched, against the block table; a large
@@ -44,6 +45,8 @@ HEADER_SIZE = 64  # layout 2
 HEADER3_SIZE = 80
 CSUM = 8
 SEGMENT = 256 * 1024  # bytes one segment checksum covers (whole blocks; at least one)
+PAGE = 4096
+ALIGN_FROM = 256 * 1024  # shares at least this long start their data on a page boundary
 _SEG_TAG = 1 << 48  # keeps segment seeds apart from block seeds
 _MASK64 = (1 << 64) - 1
 
@@ -108,9 +111,12 @@ def segment_blocks(block_size: int) -> int:
 
 
 def data_offset(share_len: int, block_size: int) -> int:
-    """Where a layout-3 fragment's data starts (after the header and both tables)."""
+    """Where a layout-3 fragment's data starts: after the header and both tables, padded
+    to a page boundary for shares of 256 KiB or more, so that a block read is one page
+    of I/O, not two (the padding costs under 1.6% there)."""
     nb = _nblocks(share_len, block_size)
-    return HEADER3_SIZE + CSUM * (nb + -(-nb // segment_blocks(block_size)))
+    off = HEADER3_SIZE + CSUM * (nb + -(-nb // segment_blocks(block_size)))
+    return -(-off // PAGE) * PAGE if share_len >= ALIGN_FROM else off
 
 
 def fragment_size(share_len: int, block_size: int, layout: int = FORMAT_VERSION) -> int:
@@ -140,7 +146,8 @@ def encode_parts(header: FragmentHeader, share: bytes | memoryview) -> list[Any]
     seg = segment_blocks(bs) * bs
     segs = b"".join([digest(view[o:o + seg], base ^ _SEG_TAG ^ s)
                      for s, o in enumerate(range(0, n, seg))])
-    tables = blocks + segs
+    pad = data_offset(n, bs) - HEADER3_SIZE - len(blocks) - len(segs)
+    tables = blocks + segs + bytes(pad)  # the hash covers the padding too
     head = FragmentHeader(header.k, header.m, header.index, bs, header.chunk_len,
                           header.share_len, header.cid, 3, xxhash.xxh3_64_intdigest(tables))
     return [head.pack() + tables, view]
@@ -194,7 +201,8 @@ class Tables:
         if xxhash.xxh3_64_intdigest(tables) != h.tables_hash:
             raise CorruptFragment("fragment checksum tables are damaged")
         nb = _nblocks(share_len, block_size)
-        return cls(tables[: nb * CSUM], tables[nb * CSUM :], off)
+        ns = -(-nb // segment_blocks(block_size))
+        return cls(tables[: nb * CSUM], tables[nb * CSUM:(nb + ns) * CSUM], off)
 
 
 def verify3(data: bytes | memoryview, first: int, tables: Tables, cid: bytes, index: int,
