@@ -469,6 +469,8 @@ class AuditLog:
         self._pq_cache: dict[str, tuple[int, int, int, str]] = {}
         # events appended with durable=False: written, fsynced within LAZY_SYNC_S
         self._dirty_since: float | None = None
+        self._lazy_writes = 0  # lazy batches written (the flusher's fsync covers those before)
+        self._head_dirty = False  # HEAD's fsync left to the flusher
         self._flusher: threading.Thread | None = None
         self._flush_wake = threading.Event()
         try:
@@ -704,10 +706,13 @@ class AuditLog:
         self._seq, self._hash = seq, prev
         if sync:
             self._dirty_since = None
-        elif self._fsync and self._dirty_since is None:
-            self._dirty_since = time.monotonic()
-            self._start_flusher()
-        self._write_head(sync=False)
+        elif self._fsync:
+            self._lazy_writes += 1
+            if self._dirty_since is None:
+                self._dirty_since = time.monotonic()
+                self._start_flusher()
+        # a lazy batch leaves HEAD's once-a-second fsync to the flusher (within LAZY_SYNC_S)
+        self._write_head(sync=False, defer=self._fsync and not sync)
 
     def _start_flusher(self) -> None:
         self._flush_wake.set()
@@ -730,13 +735,37 @@ class AuditLog:
             self._sync_lazy()
 
     def _sync_lazy(self) -> None:
+        """fsync lazily written events (and a deferred HEAD) through duplicates of the fds,
+        outside the writers' lock: an append made meanwhile (an allowed read's event, on
+        the event loop) does not wait behind this fsync."""
         with self._io:
-            if self._dirty_since is not None and self._fd is not None:
-                try:
-                    _datasync(self._fd)
-                    self._dirty_since = None
-                except OSError:
-                    log.exception("audit log fsync failed; retrying with the next event")
+            if self._dirty_since is None or self._fd is None:
+                return
+            mark = self._lazy_writes
+            try:
+                fds = [os.dup(self._fd)]
+                if self._head_dirty and self._head_fd is not None:
+                    fds.append(os.dup(self._head_fd))
+                self._head_dirty = False
+            except OSError:
+                log.exception("audit log fsync failed; retrying with the next event")
+                return
+        ok = True
+        for fd in fds:
+            try:
+                _datasync(fd)
+            except OSError:
+                ok = False
+                log.exception("audit log fsync failed; retrying with the next event")
+            finally:
+                os.close(fd)
+        with self._io:
+            if not ok:
+                self._head_dirty = self._head_dirty or len(fds) > 1
+            if ok and self._lazy_writes == mark:
+                self._dirty_since = None
+            elif self._dirty_since is not None:
+                self._flush_wake.set()  # written during the fsync (or it failed): again
 
     def _cut_back(self, size: int) -> None:
         try:
@@ -747,12 +776,14 @@ class AuditLog:
             log.exception("could not cut a failed audit write back; the next writer will")
         self._stale = True
 
-    def _write_head(self, sync: bool) -> None:
+    def _write_head(self, sync: bool, defer: bool = False) -> None:
         """Rewrite HEAD in place; at least once a second (and when ``sync``) also check that
-        HEAD is still the file we hold open and fdatasync it."""
+        HEAD is still the file we hold open and fdatasync it (``defer``: leave that fsync to
+        the lazy flusher, which runs within LAZY_SYNC_S)."""
         try:
             now = time.monotonic()
-            tick = sync or now - self._head_synced >= _HEAD_SYNC_S
+            owed = self._head_dirty and not defer  # a deferred fsync the flusher may skip
+            tick = sync or owed or now - self._head_synced >= _HEAD_SYNC_S
             if tick and self._head_fd is not None:
                 try:
                     st = os.stat(self._head_path)
@@ -769,8 +800,11 @@ class AuditLog:
             os.pwrite(self._head_fd, _head_bytes(self._seq, self._hash), 0)
             if tick:
                 self._head_synced = now
-                if sync or self._fsync:
+                if defer and not sync:
+                    self._head_dirty = True
+                elif sync or self._fsync:
                     _datasync(self._head_fd)
+                    self._head_dirty = False
         except OSError as exc:
             # the event itself is durable; only the truncation anchor lags
             log.error("could not update the audit HEAD anchor: %r", exc)

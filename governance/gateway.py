@@ -246,14 +246,15 @@ class Gateway:
         return result
 
     async def _arun(self, p: Principal, op: str, path: str | None,
-                    body: Callable[[_Call], T], cost_bytes: int = 0) -> T:
+                    body: Callable[[_Call], T], cost_bytes: int = 0,
+                    then: Callable[[T], object] | None = None) -> T:
         call = _Call(p, op, path, self.transport)
         try:
             priority = self.policy(p).policy.qos.priority
             async with self._qos.admit(p.tenant, cost_bytes, priority) as ticket:
                 call.ticket = ticket
                 # one hop to a worker thread for the body and its audit event together
-                return await anyio.to_thread.run_sync(self._body_then_audit, call, body)
+                return await anyio.to_thread.run_sync(self._body_then_audit, call, body, then)
         except BaseException as exc:
             if not call.audited:  # refused before the body ran (QoS, policy lookup)
                 await anyio.to_thread.run_sync(self._finish, call, exc)
@@ -292,7 +293,8 @@ class Gateway:
                 await anyio.to_thread.run_sync(self._finish, call, exc)
             raise
 
-    def _body_then_audit(self, call: _Call, body: Callable[[_Call], T]) -> T:
+    def _body_then_audit(self, call: _Call, body: Callable[[_Call], T],
+                         then: Callable[[T], object] | None = None) -> T:
         try:
             result = body(call)
         except BaseException as exc:
@@ -301,6 +303,10 @@ class Gateway:
             raise
         call.audited = True
         self._finish(call, None)
+        if then is not None:
+            if call.ticket is not None:
+                call.ticket.release()  # the follow-up is not part of the admitted operation
+            then(result)
         return result
 
     # -- authorization ------------------------------------------------------------------
@@ -517,10 +523,14 @@ class Gateway:
                          cost_bytes=cost)
 
     async def awrite(self, p: Principal, path: str, data: bytes, *, mode: str = "overwrite",
-                     expected_version: int | None = None) -> WriteResult:
+                     expected_version: int | None = None,
+                     then: Callable[[WriteResult], object] | None = None) -> WriteResult:
+        """``write`` off the event loop. ``then(result)`` runs in the same worker thread
+        once the write is committed and audited, outside its QoS admission: follow-up work
+        (indexing the new version) without a second hop to a thread (~50 us)."""
         return await self._arun(p, "write_file", path,
                                 lambda c: self._write(p, c, data, mode, expected_version, None),
-                                cost_bytes=len(data))
+                                cost_bytes=len(data), then=then)
 
     def _write(self, p: Principal, call: _Call, data: Any, mode: str,
                expected_version: int | None, size_hint: int | None) -> WriteResult:

@@ -45,6 +45,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .auth import SCOPE, StoreTokenVerifier
 from .kv_http import kv_app
 from .mcp_app import LodestoreMCP
+from .transports import freeze_heap
 
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 DEFAULT_MAX_BODY = 16 << 20
@@ -229,6 +230,7 @@ def build_http_app(mcp: LodestoreMCP, *, public_url: str, bind_host: str = "127.
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        freeze_heap()
         if manager is None:
             yield
             return

@@ -125,9 +125,10 @@ def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
     Clients validate every structured result against the tool's output schema (the SDK's
     ``jsonschema`` validator costs ~30 us per object of a list); ``$ref`` lookups and
-    ``anyOf: [{type: X}, {type: null}]`` branches are the slow parts. This inlines ``$defs``
-    (our models are not recursive), turns nullable ``anyOf`` into ``type: [X, "null"]`` and
-    drops ``title`` keywords (descriptions stay).
+    ``anyOf: [{type: X}, {type: null}]`` branches are the slow parts, and every keyword is
+    checked once per value. This inlines ``$defs`` (our models are not recursive), turns
+    nullable ``anyOf`` into ``type: [X, "null"]``, drops ``type: string`` beside an enum of
+    strings and drops ``title`` keywords (descriptions stay).
     """
     defs = schema.get("$defs") or {}
 
@@ -150,6 +151,10 @@ def compact_schema(schema: dict[str, Any]) -> dict[str, Any]:
                 out[k] = {name: walk(sub, depth + 1) for name, sub in v.items()}
             else:
                 out[k] = walk(v, depth + 1)
+        enum = out.get("enum")
+        if out.get("type") == "string" and isinstance(enum, list) and enum and all(
+                isinstance(e, str) for e in enum):
+            del out["type"]  # an enum of strings admits only those strings anyway
         branches = out.get("anyOf")
         if isinstance(branches, list) and branches and all(
                 isinstance(b, dict) and set(b) == {"type"} and isinstance(b["type"], str)
@@ -262,7 +267,7 @@ class LodestoreMCP:
     # -- tools ---------------------------------------------------------------------------
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any],
-                         params: CallToolRequestParams) -> CallToolResult:
+                         params: CallToolRequestParams) -> CallToolResult | dict[str, Any]:
         name = params.name
         entry = self.entries.get(name)
         t0 = time.perf_counter()
@@ -273,7 +278,7 @@ class LodestoreMCP:
         outcome = "ok"
         try:
             result = await self._run(ctx, entry, params.arguments or {})
-            if result.is_error:
+            if isinstance(result, CallToolResult) and result.is_error:
                 outcome = "invalid"
             return result
         except (ToolError, StorageError) as exc:
@@ -292,7 +297,7 @@ class LodestoreMCP:
             self.metrics.call(name, outcome, time.perf_counter() - t0)
 
     async def _run(self, ctx: ServerRequestContext[Any, Any], entry: _Entry,
-                   arguments: dict[str, Any]) -> CallToolResult:
+                   arguments: dict[str, Any]) -> CallToolResult | dict[str, Any]:
         principal = await self.identity(ctx)
         meta = entry.tool.fn_metadata
         try:
@@ -314,7 +319,10 @@ class LodestoreMCP:
         result = await entry.spec.fn(tctx, **args)
         return self._shape(entry, result)
 
-    def _shape(self, entry: _Entry, result: Any) -> CallToolResult:
+    def _shape(self, entry: _Entry, result: Any) -> CallToolResult | dict[str, Any]:
+        """The tool's answer in wire form. A structured answer is returned as the result
+        dict itself: the SDK validates and dumps a handler's result anyway, so building a
+        ``CallToolResult`` first would dump the whole structured content once more."""
         if isinstance(result, CallToolResult):
             return result
         meta = entry.tool.fn_metadata
@@ -341,15 +349,17 @@ class LodestoreMCP:
                           f"{entry.spec.name} produced a {len(text)}-byte reply, over this "
                           f"server's limit ({self.max_reply_bytes} bytes); ask for less "
                           "(a smaller length or limit, or page with offset)")
-        content: list[Any] = [TextContent(type="text", text=text)]
+        content: list[dict[str, Any]] = [{"type": "text", "text": text}]
         link = structured.get("resource_uri") if isinstance(structured, dict) else None
         if isinstance(link, str) and link.startswith(FILES_URI):
             # a file larger than one reply: clients that speak resources can fetch it whole
             content.append(ResourceLink(
                 type="resource_link", uri=link, name=link.rsplit("/", 1)[-1] or "file",
                 mime_type=mimetypes.guess_type(link)[0] or "application/octet-stream",
-                size=structured.get("size")))
-        return CallToolResult(content=content, structured_content=structured)
+                size=structured.get("size")).model_dump(by_alias=True, mode="json",
+                                                        exclude_none=True))
+        return {"content": content, "structuredContent": structured, "isError": False,
+                "resultType": "complete"}
 
     # -- resources -----------------------------------------------------------------------
 

@@ -31,6 +31,8 @@ def _variants():
     yield GOOD, True
     for mutate in (
         lambda d: d["entries"][0].__setitem__("kind", "socket"),
+        lambda d: d["entries"][0].__setitem__("kind", 5),
+        lambda d: d["entries"][0].__setitem__("kind", None),
         lambda d: d["entries"][0].__setitem__("modified", 5),
         lambda d: d["entries"][1].pop("name"),
         lambda d: d["entries"][0].__setitem__("labels", "EMAIL"),

@@ -422,8 +422,14 @@ def test_list_directory_pages_with_a_cursor(env):
             break
     assert pages == 3 and [e.name for e in seen] == names + ["sub"]
     f0 = seen[0]
-    assert (f0.kind, f0.size, f0.version, f0.path) == ("file", 7, 1, "/list/f00.txt")
+    assert (f0.kind, f0.size, f0.version) == ("file", 7, 1)
     assert f0.modified and f0.modified.endswith("Z")
+    # lean entries: the path is the listed path + name; no labels key when there are none
+    assert set(f0.model_dump(mode="json")) == {"name", "kind", "size", "version", "modified"}
+    run(F.write_file, ctx, "/list/zz-pii.txt", f"contact {EMAIL}\n")
+    last = run(F.list_directory, ctx, "/list", cursor=None, limit=1000).entries[-1]
+    assert last.name == "zz-pii.txt" and last.model_dump(mode="json")["labels"] == [
+        "EMAIL_ADDRESS"]
     assert seen[-1].kind == "directory"
     e = err(F.list_directory, ctx, "/list", cursor="!!not-a-cursor!!")
     assert e.code == "invalid_argument" and "cursor" in e.message

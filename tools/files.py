@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import anyio
 from pydantic import BaseModel, ConfigDict, Field
 
+from governance.gateway import WriteResult
 from governance.search import SearchIndex, index_for
 from storage import FileInfo, paths
 from storage.errors import VersionMismatch
@@ -47,23 +48,44 @@ VersionArg = Annotated[int | None, Field(
     ge=0)]
 
 
-class Entry(BaseModel):
+def _empty(v: Any) -> bool:
+    return not v
+
+
+# Clients validate every entry of every page against the output schema, at a cost per
+# field present (~5 us each with the SDK's jsonschema), so a listing entry carries only what
+# it adds: no path (the listed path + name) and no labels when there are none.
+class ListEntry(BaseModel):
+    """A directory entry (its path is the listed path + '/' + name)."""
+
     name: str = Field(description="Entry name (last path component)")
-    path: str = Field(description="Absolute path in your tenant's store")
     kind: Literal["file", "directory"]
     size: int = Field(description="Size in bytes (0 for directories)")
     version: int = Field(description="Version number; increases on every change")
     modified: str | None = Field(description="Last modification time, ISO 8601 UTC")
-    labels: list[str] = Field(default_factory=list,
+    labels: list[str] = Field(default_factory=list, exclude_if=_empty,
                               description="PII entity types found in the file (tagged or "
-                                          "redacted on write)")
+                                          "redacted on write); absent when none")
+
+
+class Entry(ListEntry):
+    """A file or directory found under a root, with its full path."""
+
+    path: str = Field(description="Absolute path in your tenant's store")
+
+
+def _entry_fields(info: FileInfo) -> dict[str, Any]:
+    """An entry as plain fields: a whole page is validated in one pydantic call, ~3x
+    cheaper than a model per entry."""
+    attrs = info.attrs
+    labels = attrs.get("labels") if attrs else None
+    return {"name": info.name or "/", "kind": "directory" if info.is_dir else "file",
+            "size": info.size, "version": info.version, "modified": iso(info.mtime),
+            "labels": sorted(str(x) for x in labels) if labels else []}
 
 
 def entry_of(info: FileInfo) -> Entry:
-    labels, _ = governance_of(info.attrs)
-    return Entry(name=info.name or "/", path=info.path,
-                 kind="directory" if info.is_dir else "file", size=info.size,
-                 version=info.version, modified=iso(info.mtime), labels=labels)
+    return Entry(path=info.path, **_entry_fields(info))
 
 
 def search_index(ctx: ToolContext) -> SearchIndex | None:
@@ -80,6 +102,22 @@ async def index_now(ctx: ToolContext, path: str) -> str | None:
         return None
     st = await anyio.to_thread.run_sync(idx.flush, ctx.principal.tenant, path)
     return st.state
+
+
+async def write_indexed(ctx: ToolContext, path: str, data: bytes, *, mode: str = "overwrite",
+                        expected_version: int | None = None) -> tuple[WriteResult, str | None]:
+    """Write through the gateway and index the new version (as ``index_now``) in the
+    write's own worker thread: one hop to a thread instead of two."""
+    idx = search_index(ctx)
+    state: list[str | None] = [None]
+
+    def index(res: WriteResult) -> None:
+        if idx is not None:
+            state[0] = idx.flush(ctx.principal.tenant, res.info.path).state
+
+    res = await ctx.gateway.awrite(ctx.principal, path, data, mode=mode,
+                                   expected_version=expected_version, then=index)
+    return res, state[0]
 
 
 async def _sync(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -372,9 +410,8 @@ async def write_file(
     expected_version: VersionArg = None,
 ) -> WriteFileResult:
     data = _payload(ctx, content, encoding)
-    res = await ctx.gateway.awrite(ctx.principal, path, data, mode=mode,
-                                   expected_version=expected_version)
-    state = await index_now(ctx, res.info.path)
+    res, state = await write_indexed(ctx, path, data, mode=mode,
+                                     expected_version=expected_version)
     return WriteFileResult(
         path=res.info.path, version=res.info.version, size=res.info.size,
         bytes_received=len(data), mode=mode, modified=iso(res.info.mtime),
@@ -480,15 +517,13 @@ async def edit_file(
         raise ToolError("too_large", f"the edited file would be {len(data)} bytes, over the "
                                      f"{cap}-byte write limit; nothing was written")
     try:
-        w = await ctx.gateway.awrite(ctx.principal, info.path, data, mode="overwrite",
-                                     expected_version=info.version)
+        w, state = await write_indexed(ctx, info.path, data, expected_version=info.version)
     except VersionMismatch as exc:
         raise ToolError("version_mismatch",
                         f"{info.path} changed after edit_file read it at version "
                         f"{info.version} (now {exc.actual if exc.actual is not None else 'gone'}); "
                         "nothing was written. Re-run edit_file to apply the edits to the new "
                         "content") from None
-    state = await index_now(ctx, w.info.path)
     return EditFileResult(path=w.info.path, dry_run=False, changed=True, replacements=total,
                           diff=diff, diff_truncated=cut, version=w.info.version,
                           size=w.info.size, labels=sorted(w.labels), redacted=dict(w.redacted),
@@ -508,7 +543,8 @@ def _unified_diff(old: str, new: str, path: str) -> str:
 
 class ListDirectoryResult(BaseModel):
     path: str
-    entries: list[Entry]
+    entries: list[ListEntry] = Field(description="Entries in name order; an entry's path is "
+                                                 "this path + '/' + its name")
     next_cursor: str | None = Field(
         description="Pass as cursor to get the next page; null on the last page")
 
@@ -529,8 +565,9 @@ async def list_directory(
                                 le=1000)] = 100,
 ) -> ListDirectoryResult:
     items, nxt = await _sync(ctx.gateway.list_dir, ctx.principal, path, cursor or None, limit)
-    return ListDirectoryResult(path=paths.normalize(path),
-                               entries=[entry_of(i) for i in items], next_cursor=nxt)
+    return ListDirectoryResult.model_validate({
+        "path": paths.normalize(path), "entries": [_entry_fields(i) for i in items],
+        "next_cursor": nxt})
 
 
 # -- get_file_info ----------------------------------------------------------------------
@@ -691,11 +728,12 @@ async def find_files(
     found: list[FileInfo] = await _sync(ctx.gateway.find, ctx.principal, pattern, root,
                                         limit + 1)
     await report(ctx, 1, 1, f"{min(len(found), limit)} matches")
-    return FindFilesResult(pattern=pattern, root=paths.normalize(root),
-                           matches=[entry_of(i) for i in found[:limit]],
-                           truncated=len(found) > limit)
+    return FindFilesResult.model_validate({
+        "pattern": pattern, "root": paths.normalize(root),
+        "matches": [{"path": i.path, **_entry_fields(i)} for i in found[:limit]],
+        "truncated": len(found) > limit})
 
 
 __all__ = ["read_file", "read_multiple_files", "write_file", "edit_file", "list_directory",
            "get_file_info", "move_file", "delete_file", "create_directory", "find_files",
-           "Entry", "Edit", "search_index", "index_now", "entry_of"]
+           "Entry", "ListEntry", "Edit", "search_index", "index_now", "entry_of"]
