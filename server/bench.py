@@ -55,7 +55,7 @@ TENANT = "bench"
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
 # --quick: a CI-sized run of a few seconds
-QUICK = {"big_mib": 32, "small": 300, "random": 1000, "encode_seconds": 0.3}
+QUICK = {"big_mib": 32, "small": 300, "random": 1000, "encode_seconds": 0.3, "read_rounds": 1}
 
 
 # -- settings and results --------------------------------------------------------------
@@ -65,6 +65,7 @@ QUICK = {"big_mib": 32, "small": 300, "random": 1000, "encode_seconds": 0.3}
 class Settings:
     dir: str | None = None
     big_mib: int = 256
+    read_rounds: int = 3  # big-file read: alternating raw/store rounds, best of each
     small: int = 2000
     random: int = 5000
     threads: int = 4
@@ -589,17 +590,30 @@ def _run(s: Settings, err: Console, progress: bool, work: str, drop: bool) -> Re
             res.extra["raw_write_mib_s"] = raw_w
 
             # ---- big-file read, healthy ----
-            cold()
-            with ph.scaled("raw read", big) as adv:
-                t_raw_r, n_raw, h_raw = raw_read(raw_big, chunk, adv)
-            cold()
-            with ph.scaled("lodestore read", big) as adv:
-                t_store_r, n_store, h_store = store_read(vol, store_big, adv)
-            if (n_store, h_store) != (n_raw, h_raw):
-                raise RuntimeError("lodestore read returned different bytes than were written")
-            healthy_r = big / MiB / t_store_r
-            res.rows.append(Row("big-file read MiB/s", healthy_r, big / MiB / t_raw_r, "MiB/s",
-                                ("ratio_min", 0.8)))
+            # Alternating rounds, best of each side: on a VM the first reads after a cache
+            # drop can run at a fraction of the disk's speed (the host backs freed guest
+            # memory again), whichever side happens to come first.
+            raw_times: list[float] = []
+            store_times: list[float] = []
+            for r in range(s.read_rounds):
+                cold()
+                with ph.scaled(f"raw read ({r + 1}/{s.read_rounds})", big) as adv:
+                    t_raw_r, n_raw, h_raw = raw_read(raw_big, chunk, adv)
+                cold()
+                with ph.scaled(f"lodestore read ({r + 1}/{s.read_rounds})", big) as adv:
+                    t_store_r, n_store, h_store = store_read(vol, store_big, adv)
+                if (n_store, h_store) != (n_raw, h_raw):
+                    raise RuntimeError("lodestore read returned different bytes than were "
+                                       "written")
+                raw_times.append(t_raw_r)
+                store_times.append(t_store_r)
+            healthy_r = big / MiB / min(store_times)
+            rounds = ", ".join(f"{big / MiB / a:,.0f}/{big / MiB / b:,.0f}"
+                               for a, b in zip(store_times, raw_times, strict=True))
+            res.rows.append(Row("big-file read MiB/s", healthy_r, big / MiB / min(raw_times),
+                                "MiB/s", ("ratio_min", 0.8),
+                                note=f"best of {s.read_rounds} alternating rounds "
+                                     f"(store/raw: {rounds})"))
 
             # ---- degraded read: m-k targets gone ----
             lost = [t for t in cfg.targets[: m - k]]
@@ -866,6 +880,7 @@ def bench(ctx: click.Context, dir_: str | None, big_mib: int, small: int, random
             if ctx.get_parameter_source(param) is not click.core.ParameterSource.COMMANDLINE:
                 setattr(s, attr, QUICK[attr])
         s.encode_seconds = QUICK["encode_seconds"]
+        s.read_rounds = QUICK["read_rounds"]
     if s.dir is None:
         root = ctx.find_root().obj
         home = root.get("home") if isinstance(root, dict) else None
