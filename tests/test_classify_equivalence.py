@@ -132,7 +132,7 @@ def test_ranges_are_seamless(exhaustive):
         for lo, hi in zip(cuts, cuts[1:], strict=False)
         for r in exhaustive._engine.analyze_range(text, lo, hi)
     ]
-    key = lambda r: (r.rec, r.start, r.end, r.score, r.boost)  # noqa: E731
+    key = lambda r: (r[0], r[2], r[3], r[4], r[5])  # noqa: E731  (rec, start, end, score, boost)
     # per-recognizer duplicate removal is redone globally by the classifier
     assert {key(r) for r in whole} <= {key(r) for r in parts}
 

@@ -15,11 +15,9 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 
-from presidio_analyzer import EntityRecognizer, RecognizerResult
-
 from .binary import decode_text, is_binary
 from .context import ArtifactsContext, boosted, supported
-from .engine import Engine, RawResult
+from .engine import Engine, RawResult, remove_duplicates
 from .findings import Finding
 from .stock import LANGUAGE, load_model, nlp_engine, offline_registry
 
@@ -93,19 +91,10 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 
 def _dedupe(items: Iterable[tuple[str, int, int, float]]) -> list[tuple[str, int, int, float]]:
     """presidio's EntityRecognizer.remove_duplicates (per entity type), on plain tuples."""
-    by_entity: dict[str, list[tuple[str, int, int, float]]] = {}
-    for item in items:
-        by_entity.setdefault(item[0], []).append(item)
-    out: list[tuple[str, int, int, float]] = []
-    for group in by_entity.values():
-        if len(group) == 1 and group[0][3] > 0:
-            out.extend(group)
-            continue
-        kept = EntityRecognizer.remove_duplicates(
-            [RecognizerResult(e, s, t, sc) for e, s, t, sc in group]
-        )
-        out.extend((r.entity_type, r.start, r.end, r.score) for r in kept)
-    return out
+    items = list(items)
+    if len(items) == 1 and items[0][3] > 0:
+        return items
+    return remove_duplicates(items)
 
 
 class Classifier:
@@ -161,12 +150,16 @@ class Classifier:
         self._parallel_min = parallel_min_chars
         self._pool: ProcessPoolExecutor | None = None
         self._mp_context = mp_context
+        self._mins: dict[str, float] = {}
+        self._mins_for: dict[str, float] | None = None
 
     # -- public ----------------------------------------------------------------------------
     def analyze(self, text: str) -> list[Finding]:
         """Findings at or above the thresholds, sorted by position."""
-        mins = {e: self.thresholds.get(e, FALLBACK_THRESHOLD) for e in self.entities}
-        items = self._analyze(text, mins)
+        if self._mins_for != self.thresholds:  # built once, rebuilt if thresholds change
+            self._mins = {e: self.thresholds.get(e, FALLBACK_THRESHOLD) for e in self.entities}
+            self._mins_for = dict(self.thresholds)
+        items = self._analyze(text, self._mins)
         out = [
             Finding(s, t, e, sc)
             for e, s, t, sc in items
@@ -190,19 +183,19 @@ class Classifier:
     ) -> list[tuple[str, int, int, float]]:
         if not text:
             return []
-        raw = self._raw(text, mins)
+        raw, deduped = self._raw(text, mins)
         recs = self._engine.recognizers
         kinds = self._engine.kinds
         # 1. per-recognizer duplicate removal inside PatternRecognizer/PhoneRecognizer
         by_rec: dict[int, list[RawResult]] = {}
         for r in raw:
-            by_rec.setdefault(r.rec, []).append(r)
+            by_rec.setdefault(r[0], []).append(r)
         scored: list[tuple[str, int, int, float]] = []
         ctx = self._ner_context(text) if self._ner else None
         for i, group in by_rec.items():
-            boost = {(r.start, r.end): r.boost for r in group}
-            items = [(r.entity, r.start, r.end, r.score) for r in group]
-            if kinds[i] in ("pattern", "phone"):
+            boost = {(r[2], r[3]): r[5] for r in group}
+            items = [(r[1], r[2], r[3], r[4]) for r in group]
+            if kinds[i] in ("pattern", "phone") and not deduped:
                 items = _dedupe(items)
             # 2. context enhancement (LemmaContextAwareEnhancer)
             context = recs[i].context
@@ -227,17 +220,19 @@ class Classifier:
         self.close()
 
     # -- internals -------------------------------------------------------------------------
-    def _raw(self, text: str, mins: dict[str, float] | None) -> list[RawResult]:
+    def _raw(self, text: str, mins: dict[str, float] | None) -> tuple[list[RawResult], bool]:
+        """Results, and whether each recognizer's duplicates are removed already (one
+        range: the engine did it; several: results meet only here)."""
         n = len(text)
         if self._workers < 2 or n < self._parallel_min:
-            return self._engine.analyze_range(text, 0, n, mins)
+            return self._engine.analyze_range(text, 0, n, mins), True
         ranges = _split(n, self._workers)
         pool = self._get_pool()
         futures: list[Future] = [pool.submit(_work, text, lo, hi, mins) for lo, hi in ranges[1:]]
         out = self._engine.analyze_range(text, *ranges[0], mins)
         for f in futures:
             out.extend(f.result())
-        return out
+        return out, False
 
     def _get_pool(self) -> ProcessPoolExecutor:
         if self._pool is None:

@@ -5,23 +5,29 @@ keyword membership against a *list* of all keywords, so its cost grows with
 findings x tokens. The decision it makes per finding is: collect up to 6 keywords at or
 before the finding's first token and the first keyword at or after it, then boost the
 score if a recognizer context word is a substring of one of them. We make the same
-decision from a tokenization of just the neighbourhood of each finding.
+decision from a tokenization of just the neighbourhood of each finding, or, where a
+recognizer's context words are rare, from the neighbourhood of each occurrence of them
+("zones of influence": a keyword supports the findings whose first token lies after
+the keyword before it and before the 6th keyword after it).
 
-Exactness notes (all verified against stock presidio by the tests):
+Exactness notes (all verified against stock presidio and spaCy by the tests):
 - spaCy tokenizes whitespace-separated chunks independently, except that its special-case
   matcher (emoticons, "'s", abbreviations, ...) can join tokens across a single space. We
-  only cut the text at chunk boundaries where no special case can straddle.
+  only cut the text at chunk boundaries where no special case can straddle; a chunk that
+  is a single token can only take part as that token.
 - presidio's keyword list also holds the ':'-separated pieces of every token, so whether
   a stop word or punctuation token counts as a keyword depends on the whole document. We
-  answer that question per distinct word, lazily, by inspecting only the places where
-  the word touches a ':'.
+  collect those pieces once per document from the chunks holding a colon.
+- Walks pass over stop words that are one token, joined to nothing and (in this
+  document) no ':'-piece; plain words, numbers and "word," units are tokenized without
+  spaCy where its rules provably give one answer (checked at start-up and by the tests).
 """
 
 from __future__ import annotations
 
 import bisect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import lru_cache
 
 import regex
@@ -30,7 +36,7 @@ from spacy.language import Language
 from spacy.tokenizer import Tokenizer
 from spacy.vocab import Vocab
 
-from .prefilter import LiteralScanner
+from .prefilter import LiteralScanner, to_scan_bytes
 
 PREFIX_COUNT = 5  # LemmaContextAwareEnhancer defaults
 SUFFIX_COUNT = 0
@@ -45,13 +51,24 @@ _WS_FWD = regex.compile(_WS_CLASS)
 _NONWS_FWD = regex.compile(_NONWS_CLASS)
 _WS_REV = regex.compile(_WS_CLASS, regex.REVERSE)
 _NONWS_REV = regex.compile(_NONWS_CLASS, regex.REVERSE)
-_PLAIN_WORD = regex.compile(r"[A-Za-z]+ ?")
 _UNITS = re.compile(r"\S+\s*")  # re's \s is str.isspace(), as spaCy's split
-_WINDOW = 256  # one token unless a special case (tested)
+_WINDOW = 256  # characters of units read at a time by keyword walks
+# An ASCII word, or ASCII letters and digits ending with a digit (then at most one
+# space): one token unless a special case. spaCy splits such a chunk only at other
+# characters (punctuation, symbols, operators) or before a unit ("5km"), which ends in
+# a letter; checked at start-up (ContextScorer._alnum_are_tokens) and by the tests.
+_PLAIN_WORD = regex.compile(r"(?:[A-Za-z]+|[A-Za-z0-9]*[0-9]) ?")
+_WORD_PUNCT = regex.compile(rf"([A-Za-z]+|[0-9]+)([,;!?.:])({_WS_CLASS}*)")
 
 _KEY, _NO, _QUERY = 0, 1, 2
-_AFFIX = 16
 _CACHE_LIMIT = 200_000
+# Zones of influence replace per-finding walks for a recognizer once it has had
+# _ZONE_MIN_QUERIES queries in a document, if its context words occur at most
+# 1/_ZONE_COST times as often as the queries it is expected to get there: an
+# occurrence costs two walks and a block, a query at most one walk, often shared
+# with other recognizers' queries at the same finding.
+_ZONE_MIN_QUERIES = 8
+_ZONE_COST = 4
 
 Token = tuple[int, str]  # absolute start, text
 
@@ -63,7 +80,7 @@ def boosted(score: float) -> float:
     return min(score, 1.0)
 
 
-def supported(words: set[str], context: list[str]) -> bool:
+def supported(words: Iterable[str], context: list[str]) -> bool:
     """presidio's substring-mode test: some context word inside some surrounding word.
 
     A context word without NUL occurs in the NUL-joined words iff it occurs in one of
@@ -86,6 +103,8 @@ class ContextScorer:
     def __init__(self, nlp: Language, context_words: list[str] | None = None) -> None:
         self._nlp = nlp
         self.scanner = LiteralScanner(context_words) if context_words else None
+        self._positions: dict[tuple[str, ...], LiteralScanner | None] = {}
+        self._covered: dict[tuple[str, ...], bool] = {}
         self.tokenizer: Tokenizer = self._lite(nlp.tokenizer)
         getters = nlp.vocab.lex_attr_getters
         self._is_stop: Callable[[str], bool] = getters[IS_STOP]
@@ -95,12 +114,18 @@ class ContextScorer:
         self._chunk_pieces: dict[str, frozenset[str]] = {}
         self._unit_keys: dict[str, tuple[tuple[int, str], ...]] = {}
         self._pairs = self._straddle_pairs(self.tokenizer)
-        self._alpha_specials = {k for k in (self.tokenizer.rules or {}) if k.isalpha()}
+        rules = self.tokenizer.rules or {}
+        self._plain_specials = {k for k in rules if _PLAIN_WORD.fullmatch(k)}
+        self._alnum_plain = self._alnum_are_tokens()
         self._pair_index: dict[tuple[str, str], list[tuple[str, str]]] = {}
         for pairs in self._pairs.values():
             for a, b in pairs:
                 if a:
                     self._pair_index.setdefault((a[-1], b[0]), []).append((a, b))
+        self._rules = set(rules)
+        self._pair_tokens = {t for ps in self._pairs.values() for a, b in ps for t in (a, b)}
+        self.skip_words, self.skip_units = self._skippable()
+        self._word_punct_ok = self._check_word_punct()
 
     @staticmethod
     def _lite(tok: Tokenizer) -> Tokenizer:
@@ -119,6 +144,15 @@ class ContextScorer:
             url_match=tok.url_match,
             faster_heuristics=tok.faster_heuristics,
         )
+
+    def _alnum_are_tokens(self) -> bool:
+        """Is a chunk of ASCII letters and digits ending with a digit always one token?
+
+        True for spaCy's English rules (see _PLAIN_WORD); checked on samples so that a
+        rule set that differs turns the shortcut off rather than changing results.
+        """
+        samples = ["0", "7", "42", "2024", "1" * 25, "A1", "Z67806361", "ab12cd34", "x9"]
+        return all([t.text for t in self.tokenizer(w + " ")] == [w] for w in samples)
 
     @staticmethod
     def _straddle_pairs(tok: Tokenizer) -> dict[str, list[tuple[str, str]]]:
@@ -151,6 +185,40 @@ class ContextScorer:
                 if b:
                     pairs.setdefault(b[0], []).append((a, b))
         return pairs
+
+    def _skippable(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Stop words whose unit (word + one space, in lower, title or upper case) is one
+        token, filtered from presidio's keywords and no side of a special-case pair
+        (so never joined to a neighbour); and those units.
+
+        Why: walks for keywords cross mostly such units (presidio drops stop words);
+        a set lookup passes over them. They count only where the document makes the
+        word a ':'-piece (see DocContext.skipping).
+        """
+        words, units = set(), set()
+        for w in self._nlp.Defaults.stop_words:
+            if not (w.isascii() and w.isalpha()):
+                continue
+            variants = {w, w.capitalize(), w.upper()}
+            if not (variants & self._pair_tokens) and all(
+                self.filtered(v) and [t.text for t in self.tokenizer(v + " ")] == [v]
+                for v in variants
+            ):
+                words.add(w)
+                units.update(v + " " for v in variants)
+        return frozenset(words), frozenset(units)
+
+    def single_token(self, chunk: str) -> bool:
+        """Is this whitespace-free chunk a plain word or number, hence one token?
+
+        A special case can join two chunks only where the token pair at their boundary
+        is a pair inside it; a one-token chunk offers only itself to such a pair.
+        """
+        return (
+            _PLAIN_WORD.fullmatch(chunk) is not None
+            and chunk not in self._plain_specials
+            and (self._alnum_plain or chunk[0].isalpha())
+        )
 
     def filtered(self, word: str) -> bool:
         """presidio drops these lemmas from its keyword list."""
@@ -193,13 +261,20 @@ class ContextScorer:
         return not self.filtered(token) and piece in token.lower().split(":")
 
     def tokenize(self, block: str) -> tuple[tuple[int, str], ...]:
+        """(offset, text) of the tokens of a standalone block (cached)."""
         hit = self._blocks.get(block)
         if hit is None:
             word = block.rstrip(" ")
-            if _PLAIN_WORD.fullmatch(block) and word not in self._alpha_specials:
+            if (
+                _PLAIN_WORD.fullmatch(block)
+                and word not in self._plain_specials
+                and (self._alnum_plain or word[0].isalpha())
+            ):
                 hit = ((0, word),)
             else:
-                hit = tuple((t.idx, t.text) for t in self.tokenizer(block))
+                hit = self._word_punct(block) or tuple(
+                    (t.idx, t.text) for t in self.tokenizer(block)
+                )
             if len(self._blocks) > _CACHE_LIMIT:
                 self._blocks.clear()
                 if len(self.tokenizer.vocab.strings) > 2_000_000:
@@ -207,6 +282,51 @@ class ContextScorer:
                     self.tokenizer = self._lite(self.tokenizer)
             self._blocks[block] = hit
         return hit
+
+    def _word_punct(self, block: str) -> tuple[tuple[int, str], ...] | None:
+        """Tokens of an ASCII word or number, one of , ; ! ? . : and whitespace,
+        without spaCy.
+
+        spaCy splits that mark off as a suffix (the period only after a lowercase
+        letter or a digit: "A." stays whole) and keeps the word, unless a special case
+        covers the word, the word with its mark ("Mr.", "D:"), or the pair; then
+        trailing whitespace is one token, less a first space. Checked at start-up and
+        by the tests.
+        """
+        m = _WORD_PUNCT.fullmatch(block) if self._word_punct_ok else None
+        if m is None:
+            return None
+        word, mark, ws = m.groups()
+        if (
+            word in self._plain_specials
+            or word in self._pair_tokens
+            or word + mark in self._rules
+            or (mark == "." and not ("a" <= word[-1] <= "z" or word[-1].isdigit()))
+            or (word[0].isdigit() and not self._alnum_plain)
+        ):
+            return None
+        toks = [(0, word), (len(word), mark)]
+        if ws[:1] == " ":
+            if len(ws) > 1:
+                toks.append((len(word) + 2, ws[1:]))
+        elif ws:
+            toks.append((len(word) + 1, ws))
+        return tuple(toks)
+
+    def _check_word_punct(self) -> bool:
+        """Does the shortcut in _word_punct agree with the tokenizer on samples?"""
+        self._word_punct_ok = True
+        samples = [
+            w + m + ws
+            for w in ("our", "Our", "OUR", "know", "x", "Judy", "7", "2024")
+            for m in ",;!?.:"
+            for ws in ("", " ", "\n\n", "  ", " \n", "\t", "\n \n")
+        ]
+        for block in samples:
+            fast = self._word_punct(block)
+            if fast is not None and fast != tuple((t.idx, t.text) for t in self.tokenizer(block)):
+                return False
+        return True
 
     def unit_keys(self, unit: str) -> tuple[tuple[int, str], ...]:
         """Keyword status of each token of a standalone unit (cached)."""
@@ -217,6 +337,23 @@ class ContextScorer:
                 self._unit_keys.clear()
             self._unit_keys[unit] = hit
         return hit
+
+    def covered(self, context: tuple[str, ...]) -> bool:
+        """Does the document-wide scanner know every word of this context list?"""
+        hit = self._covered.get(context)
+        if hit is None:
+            words = self.scanner.words if self.scanner is not None else []
+            hit = self._covered[context] = all(c.lower() in words for c in context)
+        return hit
+
+    def positions_scanner(self, context: tuple[str, ...]) -> LiteralScanner | None:
+        """A scanner for every occurrence of one recognizer's context words (None when
+        some word is not plain ASCII: those documents take the per-finding path)."""
+        if context not in self._positions:
+            words = [c.lower() for c in context]
+            ok = bool(words) and all(w and w.isascii() for w in words)
+            self._positions[context] = LiteralScanner(words, positions=True) if ok else None
+        return self._positions[context]
 
     def doc(self, text: str) -> DocContext:
         return DocContext(self, text)
@@ -229,18 +366,25 @@ class DocContext:
         self.s = scorer
         self.text = text
         self.n = len(text)
-        self._blocks: dict[int, tuple[int, list[Token]]] = {}
+        # Memo values are tuples of plain values, which the garbage collector stops
+        # tracking: a big document keeps thousands alive while it is analysed.
+        self._blocks: dict[int, tuple[int, tuple[Token, ...]]] = {}
         self._starts: list[int] = []  # sorted keys of _blocks
         self._pieces: dict[str, bool] = {}
         self._low: str | None = None
         self._all_pieces: set[str] | None = None
-        self._colons: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None
-        self._memo: dict[int, set[str]] = {}
-        self._outer_memo: dict[tuple[int, int], set[str]] = {}
+        self._colon_pieces: set[str] | None = None
+        self._skipping: bool | None = None
+        self._memo: dict[int, tuple[str, ...]] = {}
+        self._outer_memo: dict[tuple[int, int], tuple[str, ...]] = {}
         self._bounds: dict[int, tuple[int, int]] = {}
         self._present: dict[tuple[str, ...], bool] = {}
         self._found: set[str] | None = None
-        self._before: dict[int, list[str]] = {}
+        self._before: dict[int, tuple[str, ...]] = {}
+        self._data: bytes | None = None
+        self._zones: dict[tuple[str, ...], list[int] | None] = {}
+        self._queries: dict[tuple[str, ...], int] = {}
+        self.lo, self.hi = 0, self.n  # the range whose findings are queried
 
     # -- chunk / block geometry -------------------------------------------------------
     def _unit_start(self, p: int) -> int:
@@ -275,9 +419,22 @@ class DocContext:
             if text.startswith(b, c) and text.endswith(a, 0, w):
                 chunk_b = text[c : c + len(b)]
                 chunk_a = text[w - len(a) : w]
-                if not any(ch.isspace() for ch in chunk_a + chunk_b):
+                if not any(ch.isspace() for ch in chunk_a + chunk_b) and self._pair_fits(
+                    text[self._unit_start(w - 1) : w], text[c : self._chunk_end(c)], a, b
+                ):
                     return False
         return True
+
+    def _chunk_end(self, c: int) -> int:
+        m = _WS_FWD.search(self.text, c)
+        return self.n if m is None else m.start()
+
+    def _pair_fits(self, left: str, right: str, a: str, b: str) -> bool:
+        """Can the chunks `left` and `right` (no whitespace) end and start with tokens
+        `a` and `b`? Not where one is a single token other than its side of the pair."""
+        if right != b and self.s.single_token(right):
+            return False
+        return not (left != a and self.s.single_token(left))
 
     def bounds(self, p: int) -> tuple[int, int]:
         """The smallest span around p that tokenizes on its own (no tokenization)."""
@@ -295,7 +452,7 @@ class DocContext:
             end = self._unit_end(end)
         return start, end
 
-    def block(self, p: int) -> tuple[int, int, list[Token]]:
+    def block(self, p: int) -> tuple[int, int, tuple[Token, ...]]:
         """The tokenizable block around position p: [start, end) and its tokens."""
         i = bisect.bisect_right(self._starts, p) - 1
         if i >= 0:
@@ -304,7 +461,7 @@ class DocContext:
             if p < end:
                 return start, end, toks
         start, end = self.bounds(p)
-        toks = [(start + idx, t) for idx, t in self.s.tokenize(self.text[start:end])]
+        toks = tuple((start + idx, t) for idx, t in self.s.tokenize(self.text[start:end]))
         self._blocks[start] = (end, toks)
         bisect.insort(self._starts, start)
         return start, end, toks
@@ -320,61 +477,45 @@ class DocContext:
         """Is `piece` one of the ':'-split pieces of some non-filtered token?"""
         hit = self._pieces.get(piece)
         if hit is None:
-            hit = self._pieces[piece] = self._find_piece(piece)
+            if piece == "-pron-":  # also the whole of a token such as "-pron-"
+                hit = "-pron-" in self.low and piece in self._everything()
+            else:
+                hit = piece in self.colon_pieces()
+            self._pieces[piece] = hit
         return hit
 
-    def _colon_index(self) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
-        """Colon positions keyed by every suffix of the text just before them and every
-        prefix of the text just after them (lowercased, within the chunk, <= 16 chars).
+    def colon_pieces(self) -> set[str]:
+        """The ':'-split pieces of every non-filtered token holding a colon.
 
-        One pass over the colons replaces a full-text search per queried word.
+        Why: they decide whether a stop word or punctuation counts as a keyword; only
+        chunks with a colon hold such tokens, and most chunks recur (cached per chunk).
         """
-        if self._colons is None:
-            before: dict[str, list[int]] = {}
-            after: dict[str, list[int]] = {}
-            low = self.low
-            if ":" in low:
-                segs = low.split(":")
-                pos = -1
-                for i, seg in enumerate(segs):
-                    if i and seg and not seg[0].isspace():  # colon at pos, then seg
-                        head = seg[:_AFFIX].split(None, 1)[0]
-                        for k in range(1, len(head) + 1):
-                            after.setdefault(head[:k], []).append(pos)
-                    pos += len(seg) + 1
-                    if i < len(segs) - 1 and seg and not seg[-1].isspace():
-                        tail = seg[-_AFFIX:].rsplit(None, 1)[-1]
-                        for k in range(len(tail)):
-                            before.setdefault(tail[k:], []).append(pos)
-            self._colons = (before, after)
-        return self._colons
-
-    def _find_piece(self, piece: str) -> bool:
-        low = self.low
-        if len(low) != self.n:  # lower() changed lengths: offsets do not align
-            return piece in self._everything()
-        if len(piece) > _AFFIX or piece == "-pron-":
-            needles = [piece + ":", ":" + piece, piece]
-            return any(nd in low for nd in needles) and piece in self._everything()
-        before, after = self._colon_index()
-        text = self.text
-        seen: set[str] = set()
-        for p in sorted(before.get(piece, []) + after.get(piece, [])):
-            m = _WS_REV.search(text, 0, p)
-            cs = 0 if m is None else m.end()
-            m = _WS_FWD.search(text, p)
-            ce = self.n if m is None else m.start()
-            chunk = text[cs:ce]
-            if chunk in seen:
-                continue
-            m = _NONWS_FWD.search(text, ce)
-            if self._safe(cs) and (m is None or self._safe(m.start())):
-                seen.add(chunk)  # tokenizes on its own: same answer wherever it occurs
-                if piece in self.s.chunk_pieces(chunk):
-                    return True
-            elif any(self.s.contributes(t, piece) for _, t in self.block(p)[2]):
-                return True
-        return False
+        if self._colon_pieces is None:
+            text, n = self.text, self.n
+            pieces: set[str] = set()
+            seen: set[str] = set()
+            pos = text.find(":")
+            while pos >= 0:
+                m = _WS_REV.search(text, 0, pos)
+                cs = 0 if m is None else m.end()
+                if pos + 1 < n and text[pos + 1] == " ":
+                    ce = pos + 1  # the usual "word: "
+                else:
+                    m = _WS_FWD.search(text, pos)
+                    ce = n if m is None else m.start()
+                chunk = text[cs:ce]
+                if chunk not in seen:
+                    m = _NONWS_FWD.search(text, ce)
+                    if self._safe(cs) and (m is None or self._safe(m.start())):
+                        seen.add(chunk)  # tokenizes on its own, wherever it occurs
+                        pieces |= self.s.chunk_pieces(chunk)
+                    else:
+                        for _, t in self.block(pos)[2]:
+                            if ":" in t and not self.s.filtered(t):
+                                pieces.update(t.lower().split(":"))
+                pos = text.find(":", ce)
+            self._colon_pieces = pieces
+        return self._colon_pieces
 
     def _everything(self) -> set[str]:
         if self._all_pieces is None:
@@ -384,6 +525,15 @@ class DocContext:
                     pieces.update(t.text.lower().split(":"))
             self._all_pieces = pieces
         return self._all_pieces
+
+    @property
+    def skipping(self) -> bool:
+        """May keyword walks pass over the scorer's skippable units here? Not where one
+        of their words is a ':'-piece of some token in this document (then it is a
+        keyword wherever it occurs)."""
+        if self._skipping is None:
+            self._skipping = not (self.s.skip_words & self.colon_pieces())
+        return self._skipping
 
     def _keyword(self, tok: str) -> str | None:
         kind, low = self.s.status(tok)
@@ -401,7 +551,12 @@ class DocContext:
         if not cands:
             return False
         chunk = left[:-1]
-        return any(right.startswith(b) and chunk.endswith(a) for a, b in cands)
+        return any(
+            right.startswith(b)
+            and chunk.endswith(a)
+            and self._pair_fits(chunk.rsplit(None, 1)[-1], right.split(None, 1)[0], a, b)
+            for a, b in cands
+        )
 
     def _take(self, block: str, out: list[str], need: int, backward: bool) -> bool:
         """Append the block's keywords (in walk order) to out; True when out is full."""
@@ -418,7 +573,8 @@ class DocContext:
 
     def _keywords_before(self, end: int, need: int) -> list[str]:
         """The `need` keywords nearest before `end` (a safe block boundary)."""
-        text, out = self.text, []
+        text, out, pairs = self.text, [], self.s._pair_index
+        skip = self.s.skip_units if self.skipping else frozenset()
         block = ""  # units whose left boundary is not yet known to be safe
         hi, span = end, _WINDOW
         while hi > 0:
@@ -430,8 +586,19 @@ class DocContext:
                 span *= 4  # one chunk longer than the window
                 continue
             for u in reversed(units):
+                if u in skip:  # one filtered token that joins nothing: no keyword
+                    if block:
+                        if self._take(block, out, need, True):
+                            return out
+                        block = ""
+                    continue
                 if block:
-                    if self._straddles(u, block):
+                    if (
+                        u[-1] == " "
+                        and len(u) > 1
+                        and (u[-2], block[0]) in pairs
+                        and self._straddles(u, block)
+                    ):
                         block = u + block
                         continue
                     if self._take(block, out, need, True):
@@ -446,11 +613,14 @@ class DocContext:
             self._take(text[:hi], out, need, True)
         return out
 
-    def _keywords_after(self, start: int, need: int) -> list[str]:
-        """The `need` keywords nearest at or after `start` (a safe block boundary)."""
-        text, n, out = self.text, self.n, []
-        block = ""
-        lo, span = start, _WINDOW
+    def _blocks_after(self, start: int, span: int = _WINDOW) -> Iterator[tuple[int, str, bool]]:
+        """Tokenizable blocks (absolute start, text, skipped) from `start` (a safe block
+        boundary) on: units joined where a special case could straddle them; skippable
+        units (one filtered token that joins nothing) come alone, marked skipped."""
+        text, n, pairs = self.text, self.n, self.s._pair_index
+        skip = self.s.skip_units if self.skipping else frozenset()
+        block, bstart = "", start
+        lo = start
         while lo < n:
             hi = min(n, lo + span)
             units = _UNITS.findall(text, lo, hi)
@@ -460,28 +630,49 @@ class DocContext:
                 span *= 4
                 continue
             for u in units:
+                if u in skip:
+                    if block:
+                        yield bstart, block, False
+                        bstart += len(block)
+                        block = ""
+                    yield bstart, u, True
+                    bstart += len(u)
+                    continue
                 if block:
-                    if self._straddles(block, u):
+                    if (
+                        block[-1] == " "
+                        and len(block) > 1
+                        and (block[-2], u[0]) in pairs
+                        and self._straddles(block, u)
+                    ):
                         block += u
                         continue
-                    if self._take(block, out, need, False):
-                        return out
+                    yield bstart, block, False
+                    bstart += len(block)
                 block = u
             lo += sum(map(len, units))
         if block:
-            self._take(block, out, need, False)
+            yield bstart, block, False
+
+    def _keywords_after(self, start: int, need: int) -> list[str]:
+        """The `need` keywords nearest at or after `start` (a safe block boundary)."""
+        out: list[str] = []
+        span = _WINDOW if need > 1 else _WINDOW // 4  # usually the next unit or two
+        for _, block, skipped in self._blocks_after(start, span):
+            if not skipped and self._take(block, out, need, False):
+                break
         return out
 
-    def words(self, start: int) -> set[str]:
+    def words(self, start: int) -> tuple[str, ...]:
         """Surrounding keywords presidio would compare with context words."""
         hit = self._memo.get(start)
         if hit is None:
             hit = self._memo[start] = self._words(start)
         return hit
 
-    def _words(self, start: int) -> set[str]:
+    def _words(self, start: int) -> tuple[str, ...]:
         if self.n == 0:
-            return set()
+            return ()
         b0, b1, toks = self.block(min(start, self.n - 1))
         i = 0
         while True:  # first token ending after `start` (presidio's match token)
@@ -492,7 +683,7 @@ class DocContext:
             b0, b1, toks = self.block(b1)
             i = 0
         if i == len(toks):
-            return set()  # presidio would raise; no token covers the finding
+            return ()  # presidio would raise; no token covers the finding
         words: set[str] = set()
         need = PREFIX_COUNT + 1  # keywords at or before the match token
         for _, t in reversed(toks[: i + 1]):
@@ -508,22 +699,29 @@ class DocContext:
             w = self._keyword(t)
             if w is not None:
                 words.add(w)
-                return words
+                return tuple(words)
         if b1 < self.n:
             words.update(self._keywords_after(b1, SUFFIX_COUNT + 1))
-        return words
+        return tuple(words)
 
-    def _outer(self, b0: int, b1: int) -> set[str]:
+    def _outer(self, b0: int, b1: int) -> tuple[str, ...]:
         """Keywords a walk from inside [b0, b1) may reach outside it (memoized)."""
         key = (b0, b1)
         hit = self._outer_memo.get(key)
         if hit is not None:
             return hit
-        words: set[str] = set(self._six_before(b0))
+        words = self._six_before(b0)
         if b1 < self.n:
-            words.update(self._keywords_after(b1, SUFFIX_COUNT + 1))
+            words += tuple(self._keywords_after(b1, SUFFIX_COUNT + 1))
         self._outer_memo[key] = words
         return words
+
+    @property
+    def scan_bytes(self) -> bytes:
+        """The text as hyperscan sees it (one byte per character), made once."""
+        if self._data is None:
+            self._data = to_scan_bytes(self.text)[0]
+        return self._data
 
     def present(self, context: list[str]) -> bool:
         """Does any context word occur anywhere in the text? (Collected words are
@@ -532,9 +730,9 @@ class DocContext:
         hit = self._present.get(key)
         if hit is None:
             scanner = self.s.scanner
-            if scanner is not None and all(c.lower() in scanner.words for c in context):
+            if scanner is not None and self.s.covered(key):
                 if self._found is None:
-                    self._found = scanner.found(self.text)
+                    self._found = scanner.found(self.scan_bytes)
                 hit = any(c.lower() in self._found for c in context)
             else:
                 low = self.low if len(self.low) == self.n else self.text.lower()
@@ -542,22 +740,29 @@ class DocContext:
             self._present[key] = hit
         return hit
 
-    def _six_before(self, b0: int) -> list[str]:
+    def _six_before(self, b0: int) -> tuple[str, ...]:
         hit = self._before.get(b0)
         if hit is None:
-            hit = self._keywords_before(b0, PREFIX_COUNT + 1) if b0 else []
+            hit = tuple(self._keywords_before(b0, PREFIX_COUNT + 1)) if b0 else ()
             self._before[b0] = hit
         return hit
 
     def any_supported(self, x: int, y: int, context: list[str]) -> bool:
         """Exactly: does some finding starting in [x, y) get a context boost?
 
-        When no context word occurs in the text of the blocks holding [x, y), only
-        keywords outside them can support, so the blocks (typically the PII value,
-        a string spaCy has never seen) need no tokenization to say no.
+        Where the context words occur sparsely, answered from their zones of influence
+        (`zones`). Otherwise: when no context word occurs in the text of the blocks
+        holding [x, y), only keywords outside them can support, so the blocks
+        (typically the PII value, a string spaCy has never seen) need no tokenization
+        to say no.
         """
         if not context or not self.present(context):
             return False
+        key = tuple(context)
+        zones = self._zones[key] if key in self._zones else self._decide(key, x)
+        if zones is not None:
+            i = bisect.bisect_right(zones, x)
+            return bool(i & 1) or (i < len(zones) and zones[i] < y)
         b0, _ = self.bounds(x)
         _, b1 = self.bounds(y - 1)
         low = self.low[b0:b1] if len(self.low) == self.n else self.text[b0:b1].lower()
@@ -565,12 +770,131 @@ class DocContext:
         if not inside and not supported(self._outer(b0, b1), context):
             return False
         if y == x + 1:
+            if not inside and x == b0 and self._leads_keyword(x):
+                # the finding's first token is a keyword without a context word: its
+                # words are it and the 5 keywords before; no need to tokenize the value
+                return supported(self._six_before(b0)[:PREFIX_COUNT], context)
             return supported(self.words(x), context)
         return supported(self.words_span(x, y), context)
 
+    def _leads_keyword(self, x: int) -> bool:
+        """Is the token starting at x (a block start) surely a keyword? It is when its
+        chunk starts with an ASCII digit and holds no ':' (no stop word or punctuation
+        starts with a digit; a token with ':' counts only by its pieces), or when the
+        chunk is one plain token that is a keyword."""
+        text = self.text
+        m = _WS_FWD.search(text, x)
+        chunk = text[x : self.n if m is None else m.start()]
+        if ":" in chunk:
+            return False
+        if "0" <= chunk[0] <= "9":
+            return True
+        return self.s.single_token(chunk) and self._keyword(chunk) is not None
+
+    # -- zones of influence -------------------------------------------------------------
+    def _decide(self, key: tuple[str, ...], x: int) -> list[int] | None:
+        """Zones for `key` once they look cheaper than walking per query, else None."""
+        q = self._queries[key] = self._queries.get(key, 0) + 1
+        if q < _ZONE_MIN_QUERIES:
+            return None
+        expected = q * (self.hi - self.lo) // max(1, x - self.lo)
+        zones = self.zones(list(key), cap=expected // _ZONE_COST)
+        self._zones[key] = zones
+        return zones
+
+    def zones(self, context: list[str], cap: int | None = None) -> list[int] | None:
+        """Where findings get a boost from `context`: sorted disjoint intervals
+        [a0, b0, a1, b1, ...] of start positions; None when the words occur more than
+        `cap` times (or offsets of the lowercase text do not align).
+
+        Why: a finding's words are the 6 keywords up to its first token and the first
+        keyword from it on, so a keyword K supports exactly the findings whose first
+        token lies after the keyword before K and before the 6th keyword after K. Where
+        context words are rare (phone words, against every digit run in the text), a
+        short walk around each occurrence replaces a walk around each candidate.
+        """
+        scanner = self.s.positions_scanner(tuple(context)) if len(self.low) == self.n else None
+        if scanner is None:
+            return None
+        occurrences = scanner.positions(self.scan_bytes, self.n if cap is None else cap)
+        return None if occurrences is None else self._build_zones(occurrences)
+
+    def _build_zones(self, occurrences: list[tuple[int, str]]) -> list[int]:
+        spans: list[tuple[int, int]] = []
+        done: set[int] = set()  # keyword tokens handled, by start
+        low = self.low
+        for start, word in occurrences:
+            end = start + len(word)
+            if not low.startswith(word, start):
+                continue  # a folded character matched, not the lowercase text
+            b0, b1, toks = self.block(start)
+            if end > b1:
+                continue  # spans a block boundary: inside no token
+            k = next((j for j, (a, t) in enumerate(toks) if a <= start and end <= a + len(t)), -1)
+            if k < 0:
+                continue  # spans a token boundary
+            ts, tok = toks[k]
+            if ts in done:
+                continue
+            done.add(ts)
+            kw = self._keyword(tok)
+            if kw is None or word not in kw:
+                continue
+            spans.append((self._keyword_end_before(b0, toks, k), self._sixth_after(b1, toks, k)))
+        spans.sort()
+        flat: list[int] = []
+        for a, b in spans:
+            if a >= b:
+                continue
+            if flat and a <= flat[-1]:
+                flat[-1] = max(flat[-1], b)
+            else:
+                flat += [a, b]
+        return flat
+
+    def _keyword_end_before(self, b0: int, toks: Sequence[Token], k: int) -> int:
+        """End of the nearest keyword token before toks[k] (0 if none)."""
+        for st, t in reversed(toks[:k]):
+            if self._keyword(t) is not None:
+                return st + len(t)
+        while b0 > 0:
+            b0, _, toks = self.block(b0 - 1)
+            for st, t in reversed(toks):
+                if self._keyword(t) is not None:
+                    return st + len(t)
+        return 0
+
+    def _sixth_after(self, b1: int, toks: Sequence[Token], k: int) -> int:
+        """End of the token before the 6th keyword after toks[k] (or of the last token):
+        findings whose first token ends later have six nearer keywords before them."""
+        need = PREFIX_COUNT + 1
+        st, t = toks[k]
+        prev_end = st + len(t)
+        for st, t in toks[k + 1 :]:
+            if self._keyword(t) is not None:
+                need -= 1
+                if not need:
+                    return prev_end
+            prev_end = st + len(t)
+        pieces = self._pieces
+        for bstart, block, skipped in self._blocks_after(b1):
+            if skipped:
+                prev_end = bstart + len(block) - 1  # the word, then one space
+                continue
+            keys = self.s.unit_keys(block)
+            for (idx, t), (kind, low) in zip(self.s.tokenize(block), keys, strict=True):
+                if kind == _KEY or (
+                    kind == _QUERY and (pieces[low] if low in pieces else self.is_piece(low))
+                ):
+                    need -= 1
+                    if not need:
+                        return prev_end
+                prev_end = bstart + idx + len(t)
+        return prev_end
+
     def words_span(self, x: int, y: int) -> set[str]:
         """A superset of `words(s)` for every s in [x, y)."""
-        words = self.words(x) | self.words(y - 1)
+        words = set(self.words(x)) | set(self.words(y - 1))
         p = x
         while p < y:
             _, b1, toks = self.block(p)

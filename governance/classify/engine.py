@@ -12,15 +12,17 @@ scores, duplicates) is presidio's own, applied to those matches.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import hyperscan
+import phonenumbers
 import regex
 from phonenumbers import phonenumbermatcher
-from presidio_analyzer import EntityRecognizer, PatternRecognizer, RecognizerResult
+from presidio_analyzer import EntityRecognizer, PatternRecognizer
 from presidio_analyzer.predefined_recognizers import IbanRecognizer, PhoneRecognizer
 
 from . import regex_plan
@@ -44,16 +46,12 @@ _PHONE_END = regex.compile(r"[\d#]", regex.REVERSE)
 _MIN_PHONE_DIGITS = 4
 
 
-@dataclass
-class RawResult:
-    """A recognizer result before duplicate removal; `boost` = context word found."""
-
-    rec: int  # index into Engine.recognizers
-    entity: str
-    start: int
-    end: int
-    score: float
-    boost: bool = False
+# A recognizer result before duplicate removal: (index into Engine.recognizers, entity,
+# start, end, score, context word found). A plain tuple of plain values, because the
+# garbage collector stops tracking those: a big document holds thousands of results
+# while it is analysed, and as objects they would set off full collections, which cost
+# ~0.1 s each in a process that has loaded presidio and spaCy.
+RawResult = tuple[int, str, int, int, float, bool]
 
 
 @dataclass
@@ -74,15 +72,40 @@ def _separator_searchers(plan: regex_plan.PatternPlan):
     return regex.compile(cls), regex.compile(cls, regex.REVERSE)
 
 
+def remove_duplicates(
+    items: Iterable[tuple[str, int, int, float]],
+) -> list[tuple[str, int, int, float]]:
+    """presidio's EntityRecognizer.remove_duplicates on (entity, start, end, score).
+
+    Same decisions without building RecognizerResult objects (hashing each through
+    an f-string): equal results once, zero scores dropped, a result dropped when
+    another of its type contains it with an equal or higher score. Order: presidio's
+    (score descending, then position).
+    """
+    ordered = sorted(set(items), key=lambda r: (r[0], r[1], r[1] - r[2], -r[3]))
+    kept: list[tuple[str, int, int, float]] = []
+    active: list[tuple[str, int, int, float]] = []
+    entity = None
+    for r in ordered:
+        if r[0] != entity:
+            entity, active = r[0], []
+        if r[3] == 0:
+            continue
+        active = [f for f in active if f[2] >= r[1]]
+        if any(r[1] >= f[1] and r[2] <= f[2] and r[3] <= f[3] for f in active):
+            continue
+        kept.append(r)
+        active.append(r)
+    kept.sort(key=lambda r: (-r[3], r[1], r[1] - r[2]))
+    return kept
+
+
 def dedupe_raw(results: list[RawResult]) -> list[RawResult]:
     """presidio's EntityRecognizer.remove_duplicates, keeping our records."""
     if len(results) < 2:
         return results  # nothing to remove (scores are never 0 here)
-    keyed = {(r.entity, r.start, r.end, r.score): r for r in results}
-    kept = EntityRecognizer.remove_duplicates(
-        [RecognizerResult(e, s, t, sc) for e, s, t, sc in keyed]
-    )
-    return [keyed[(k.entity_type, k.start, k.end, k.score)] for k in kept]
+    keyed = {(r[1], r[2], r[3], r[4]): r for r in results}
+    return [keyed[k] for k in remove_duplicates(keyed)]
 
 
 class Engine:
@@ -124,6 +147,7 @@ class Engine:
         self._phone_cache: dict[str, tuple[tuple[int, int], ...]] = {}
         warm_up()  # build lazily loaded tables now, not on a write
         self._phone_idx = [i for i, k in enumerate(self.kinds) if k == "phone"]
+        self._other_idx = [i for i, k in enumerate(self.kinds) if k == "other"]
         if self._phone_idx:
             stretch, self._phone_fwd, self._phone_rev = self._phone_separators()
             self.prefilter = Prefilter(
@@ -131,6 +155,11 @@ class Engine:
             )
             # a phone number's digits lie within its maximal candidate length of its start
             self.margin = max(self.margin, 1024)
+            self._warm_phones()
+        # Collect what loading presidio, spaCy and phonenumbers left behind now: left to
+        # the collector, that backlog sets off a full collection (~0.1 s with this heap)
+        # in the middle of some later write.
+        gc.collect()
 
     # -- setup ---------------------------------------------------------------------------
     @staticmethod
@@ -204,6 +233,8 @@ class Engine:
         threshold above 0.4 only stretches with a phone context word in reach are run.
         """
         doc = self.context.doc(text) if self.context is not None else None
+        if doc is not None:
+            doc.lo, doc.hi = lo, hi
         phone_min = (mins or {}).get("PHONE_NUMBER", 0.0) if self._phone_idx else 0.0
         raw: list[RawResult] = []
         w = lo
@@ -215,19 +246,26 @@ class Engine:
             raw.extend(self._globals(text))
         by_rec: dict[int, list[RawResult]] = {}
         for r in raw:
-            by_rec.setdefault(r.rec, []).append(r)
+            by_rec.setdefault(r[0], []).append(r)
         out: list[RawResult] = []
         for i, group in by_rec.items():
             if self.kinds[i] in ("pattern", "phone"):
                 group = dedupe_raw(group)
             context = self.recognizers[i].context
             for r in group:
+                score = r[4]
                 if mins is not None:
-                    best = boosted(r.score) if context and doc is not None else r.score
-                    if best < mins.get(r.entity, 0.0):
+                    best = boosted(score) if context and doc is not None else score
+                    if best < mins.get(r[1], 0.0):
                         continue
-                if doc is not None and context and r.score < 1.0:
-                    r.boost = doc.any_supported(r.start, r.start + 1, context)
+                boost = (
+                    doc is not None
+                    and bool(context)
+                    and score < 1.0
+                    and doc.any_supported(r[2], r[2] + 1, context)
+                )
+                if boost:
+                    r = (r[0], r[1], r[2], r[3], score, True)
                 out.append(r)
         return out
 
@@ -334,13 +372,12 @@ class Engine:
         for p in self.global_patterns:
             spans = [(m.start(), m.end(), m) for m in p.rx.finditer(text)]
             out.extend(self._results(p, text, spans))
-        for i, rec in enumerate(self.recognizers):
-            if self.kinds[i] == "other":
-                for r in (
-                    rec.analyze(text=text, entities=rec.supported_entities, nlp_artifacts=None)
-                    or []
-                ):
-                    out.append(RawResult(i, r.entity_type, r.start, r.end, r.score))
+        for i in self._other_idx:
+            rec = self.recognizers[i]
+            for r in (
+                rec.analyze(text=text, entities=rec.supported_entities, nlp_artifacts=None) or []
+            ):
+                out.append((i, r.entity_type, r.start, r.end, r.score, False))
         return out
 
     def _results(self, p: _Pattern, text: str, spans) -> list[RawResult]:
@@ -361,7 +398,7 @@ class Engine:
                     if ok is not None:
                         score = EntityRecognizer.MAX_SCORE if ok else EntityRecognizer.MIN_SCORE
                     if score > EntityRecognizer.MIN_SCORE:
-                        out.append(RawResult(p.rec, entity, s, end, score))
+                        out.append((p.rec, entity, s, end, score, False))
                         break
                 continue
             cur = text[s:e]
@@ -375,7 +412,7 @@ class Engine:
             if bad is not None and bad:
                 score = EntityRecognizer.MIN_SCORE
             if score > EntityRecognizer.MIN_SCORE:
-                out.append(RawResult(p.rec, entity, s, e, score))
+                out.append((p.rec, entity, s, e, score, False))
         return out
 
     # -- phone numbers ------------------------------------------------------------------
@@ -417,31 +454,82 @@ class Engine:
             if lazy and not doc.any_supported(x, y, contexts):  # type: ignore[union-attr]
                 continue
             base = max(0, x - 1)
-            for rs, re_ in self._phone_chunk(text[base : min(n, y + 1)]):
+            for rs, re_ in self._phone_chunk(text[base : min(n, y + 1)], (x - base, y - base)):
                 s = base + rs
                 if lo <= s < hi:
                     for i in self._phone_idx:
                         out.append(
-                            RawResult(
+                            (
                                 i,
                                 self.recognizers[i].supported_entities[0],
                                 s,
                                 base + re_,
                                 PhoneRecognizer.SCORE,
+                                False,
                             )
                         )
         return out
 
-    def _phone_chunk(self, chunk: str) -> tuple[tuple[int, int], ...]:
+    def _phone_chunk(
+        self, chunk: str, extent: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, int], ...]:
         hit = self._phone_cache.get(chunk)
         if hit is None:
-            rec = self.recognizers[self.kinds.index("phone")]
-            res = rec.analyze(chunk, rec.supported_entities)
-            hit = tuple(sorted((r.start, r.end) for r in res))
+            hit = self._phone_spans(chunk, extent)
             if len(self._phone_cache) > _PHONE_CACHE_LIMIT:
                 self._phone_cache.clear()
             self._phone_cache[chunk] = hit
         return hit
+
+    def _phone_spans(
+        self, text: str, extent: tuple[int, int] | None = None
+    ) -> tuple[tuple[int, int], ...]:
+        """PhoneRecognizer.analyze's spans, sorted, without its per-match re-parse.
+
+        presidio parses every match again (without a region) only to name the region
+        in the explanation; the spans, all scored PhoneRecognizer.SCORE, come from the
+        matcher alone. Then its remove_duplicates: equal spans once, and a span inside
+        another dropped (equal scores). So once one region's matcher returns `extent`,
+        the span no match can exceed (first possible start to last possible end), the
+        answer is that span alone and the other regions need not run.
+        """
+        rec = self.recognizers[self.kinds.index("phone")]
+        assert isinstance(rec, PhoneRecognizer)
+        found: set[tuple[int, int]] = set()
+        for region in rec.supported_regions:
+            for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=rec.leniency):
+                found.add((m.start, m.end))
+            if extent is not None and extent in found:
+                return (extent,)
+        spans = sorted(found, key=lambda se: (se[0], se[0] - se[1]))
+        kept: list[tuple[int, int]] = []
+        for s, e in spans:
+            if not any(ks <= s and e <= ke for ks, ke in kept):
+                kept.append((s, e))
+        return tuple(sorted(kept))
+
+    def _warm_phones(self) -> None:
+        """Load phonenumbers' metadata and compile its patterns now: lazily, the first
+        writes with phone numbers pay for them (milliseconds each)."""
+        phonenumbers.PhoneMetadata.load_all()
+        rec = self.recognizers[self.kinds.index("phone")]
+        assert isinstance(rec, PhoneRecognizer)
+        sample = ["078-05-1120 4111 1111 1111 1111 212.555.0123 (415) 555-0188 x12"]
+        for region in rec.supported_regions:
+            for kind in (
+                phonenumbers.PhoneNumberType.FIXED_LINE,
+                phonenumbers.PhoneNumberType.MOBILE,
+            ):
+                number = phonenumbers.example_number_for_type(region, kind)
+                if number is None:
+                    continue
+                for fmt in (
+                    phonenumbers.PhoneNumberFormat.NATIONAL,
+                    phonenumbers.PhoneNumberFormat.INTERNATIONAL,
+                    phonenumbers.PhoneNumberFormat.E164,
+                ):
+                    sample.append(phonenumbers.format_number(number, fmt))
+        self._phone_spans(", call ".join(sample))
 
 
 def _ws_before(text: str, pos: int) -> int:

@@ -137,10 +137,12 @@ class LiteralScanner:
 
     Used to rule out context boosts for a whole document at once. A superset is fine:
     mapped non-ASCII characters (FOLDS) may create extra matches, never hide one.
+    `positions=True` compiles for `positions()` (every occurrence) instead of `found()`.
     """
 
-    def __init__(self, words: Sequence[str]) -> None:
+    def __init__(self, words: Sequence[str], positions: bool = False) -> None:
         self.words = [w for w in dict.fromkeys(w.lower() for w in words) if w.isascii() and w]
+        self._lengths = [len(w) for w in self.words]
         exprs = [
             "".join(ch if ch.isalnum() else f"\\x{ord(ch):02x}" for ch in w).encode()
             for w in self.words
@@ -148,7 +150,9 @@ class LiteralScanner:
         self._db = None
         if exprs:
             self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            flags = hyperscan.HS_FLAG_CASELESS | hyperscan.HS_FLAG_SINGLEMATCH
+            flags = hyperscan.HS_FLAG_CASELESS
+            if not positions:
+                flags |= hyperscan.HS_FLAG_SINGLEMATCH
             self._db.compile(
                 expressions=exprs,
                 ids=list(range(len(exprs))),
@@ -157,14 +161,34 @@ class LiteralScanner:
             )
             self._scratch = hyperscan.Scratch(self._db)
 
-    def found(self, text: str) -> set[str]:
+    def found(self, data: bytes) -> set[str]:
+        """The words occurring in `data` (from `to_scan_bytes`)."""
         out: set[str] = set()
-        if self._db is None or not text:
+        if self._db is None or not data:
             return out
-        data, _ = to_scan_bytes(text)
 
         def on_match(wid: int, _from: int, _to: int, _flags: int, _ctx: object) -> None:
             out.add(self.words[wid])
 
         self._db.scan(data, match_event_handler=on_match, scratch=self._scratch)
+        return out
+
+    def positions(self, data: bytes, cap: int) -> list[tuple[int, str]] | None:
+        """(start, word) of every occurrence, or None once there are more than `cap`.
+
+        The cap bounds the cost: callers use occurrences only while they are sparse.
+        """
+        out: list[tuple[int, str]] = []
+        if self._db is None or not data:
+            return out
+        words, lengths = self.words, self._lengths
+
+        def on_match(wid: int, _from: int, to: int, _flags: int, _ctx: object) -> bool:
+            out.append((to - lengths[wid], words[wid]))
+            return len(out) > cap
+
+        try:
+            self._db.scan(data, match_event_handler=on_match, scratch=self._scratch)
+        except hyperscan.ScanTerminated:
+            return None
         return out

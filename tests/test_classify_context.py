@@ -1,0 +1,237 @@
+"""The classifier's shortcuts are exact: each is checked against what it replaces.
+
+Context decisions (zones of influence, skipped stop words, one-token chunks, digit-led
+findings) against the per-finding keyword walk at every position and against stock
+presidio on adversarial text; tokenizer shortcuts against spaCy; duplicate removal and
+phone spans against presidio's own code.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+import pytest
+from presidio_analyzer import EntityRecognizer, RecognizerResult
+from test_classify_equivalence import TRICKY
+
+from governance.classify import Classifier, corpus
+from governance.classify.classifier import DEFAULT_ENTITIES, DEFAULT_THRESHOLDS
+from governance.classify.context import DocContext, supported
+from governance.classify.engine import remove_duplicates
+from governance.classify.stock import offline_registry, reference_engine
+
+EVERYTHING = dict.fromkeys(DEFAULT_ENTITIES, 0.0)
+STOPS = ["the", "of", "us", "call", "be", "is", "The", "US", "Call", "-PRON-", "-pron-", "a"]
+STOPS += ["it", "'s", "n't", "cannot", "do", "so", "some", "or", "and", "ca", "Let"]
+SPECIALS = [":)", ":-)", "Mr.", "a.m.", "p.m.", "e.g.", "o.O", "(:", "' s", "don't", "do n't"]
+SPECIALS += ["Let's", "it's", "10a.m.", "w/", "and/or", ":O", ":P", "D:", "' S"]
+MARKS = [",", ".", ":", ";", "!", "?", "(", ")", "'", '"', "-", "/", "#", "::"]
+SPACES = [" "] * 12 + ["  ", "\n", "\n\n", "\t", " \n", ", ", ": ", " \u00a0"]
+CONTEXT_WORDS = sorted({c for r in offline_registry().recognizers for c in r.context or []})
+
+
+@pytest.fixture(scope="module")
+def clf():
+    c = Classifier(thresholds=EVERYTHING, workers=1)
+    yield c
+    c.close()
+
+
+def _soup(rng: random.Random, words: int) -> str:
+    """Stop words, context words, colons, special cases and PII, loosely spaced."""
+    out = []
+    for _ in range(words):
+        r = rng.random()
+        if r < 0.3:
+            w = rng.choice(STOPS)
+        elif r < 0.45:
+            w = rng.choice(CONTEXT_WORDS) + rng.choice(["", "", ":", "s", "#"])
+        elif r < 0.55:
+            w = rng.choice(SPECIALS)
+        elif r < 0.65:
+            w = rng.choice(corpus.WORDS) + rng.choice(MARKS)
+        elif r < 0.72:
+            w = rng.choice(STOPS) + ":" + rng.choice([*STOPS, *CONTEXT_WORDS, ""])
+        elif r < 0.80:
+            w = corpus.GENERATORS[rng.choice(list(corpus.GENERATORS))](rng)
+        elif r < 0.85:
+            w = str(rng.randint(0, 10 ** rng.randint(1, 12)))
+        else:
+            w = rng.choice(corpus.WORDS)
+        out += [w, rng.choice(SPACES)]
+    return "".join(out)
+
+
+def _texts() -> list[str]:
+    rng = random.Random(11)
+    texts = list(TRICKY)
+    texts += [
+        corpus.document(rng, 3000, k, pii_per_kb=4, context_ratio=0.7).text for k in corpus.FILLERS
+    ]
+    texts += [_soup(rng, rng.randint(5, 150)) for _ in range(12)]
+    return texts
+
+
+TEXTS = _texts()
+
+
+def _contexts(clf: Classifier) -> list[list[str]]:
+    return [r.context for r in clf._engine.recognizers if r.context]
+
+
+@pytest.mark.parametrize("i", range(len(TEXTS)))
+def test_zones_and_shortcuts_agree_with_the_walk(clf, i):
+    """At every position, for every recognizer: the zone answer and the per-finding
+    answer (skipped stop words, digit-led findings, one-token chunks) equal the
+    keyword walk's."""
+    text = TEXTS[i]
+    scorer = clf._engine.context
+    for ctx in _contexts(clf):
+        ref, zoned, walked = scorer.doc(text), scorer.doc(text), scorer.doc(text)
+        zoned._zones[tuple(ctx)] = zoned.zones(ctx)
+        walked._zones[tuple(ctx)] = None
+        # no zones where lowercasing changes offsets ("İ"): walks answer there
+        assert (zoned._zones[tuple(ctx)] is None) == (len(text.lower()) != len(text))
+        for s in range(len(text)):
+            if text[s].isspace():
+                continue
+            want = supported(ref.words(s), ctx)
+            assert zoned.any_supported(s, s + 1, ctx) == want, (ctx, s)
+            assert walked.any_supported(s, s + 1, ctx) == want, (ctx, s)
+
+
+@pytest.fixture(scope="module")
+def stock():
+    return reference_engine()
+
+
+def _stock_case(case: str) -> str:
+    kind, seed = case.split("-")
+    rng = random.Random(int(seed))
+    if kind == "soup":
+        return _soup(rng, rng.randint(20, 400) if int(seed) % 3 else 3000)
+    if kind == "prose":  # sparse phone words against many digit runs: zones
+        return corpus.english(rng, 80_000, pii_fraction=0.01)
+    filler = ("logs", "csv", "json")[int(seed) % 3]
+    return corpus.document(rng, 60_000, filler, pii_per_kb=3, context_ratio=0.3).text
+
+
+STOCK_CASES = [f"soup-{i}" for i in range(6)] + ["prose-1", "prose-2", "mixed-0", "mixed-1"]
+
+
+@pytest.mark.parametrize("case", STOCK_CASES)
+def test_same_findings_as_stock_on_adversarial_text(case, clf, stock, monkeypatch):
+    """Stop words, colons, special cases and context words in soups; and long prose,
+    logs and tables, where zones of influence take over for phone numbers."""
+    text = _stock_case(case)
+    entities = list(DEFAULT_ENTITIES)
+    want = sorted(
+        (r.entity_type, r.start, r.end, round(r.score, 9))
+        for r in stock.analyze(text, "en", entities=entities)
+    )
+    got = sorted((e, s, t, round(sc, 9)) for e, s, t, sc in clf.analyze_raw(text))
+    assert got == want
+    zoned: list[str] = []
+    decide = DocContext._decide
+
+    def spy(self, key, x):
+        out = decide(self, key, x)
+        if out is not None:
+            zoned.append(key[0])
+        return out
+
+    monkeypatch.setattr(DocContext, "_decide", spy)
+    with Classifier(workers=1) as default:
+        found = sorted(
+            (f.entity_type, f.start, f.end, round(f.score, 9)) for f in default.analyze(text)
+        )
+    assert found == [x for x in want if x[3] >= DEFAULT_THRESHOLDS[x[0]]]
+    if case.startswith("prose"):
+        assert "phone" in zoned
+
+
+def test_one_token_chunks_agree_with_spacy(clf):
+    """Plain words and letters-and-digits ending with a digit are single tokens."""
+    scorer = clf._engine.context
+    rng = random.Random(5)
+    alnum = string.ascii_letters + string.digits
+    chunks = [
+        "".join(rng.choice(alnum) for _ in range(rng.randint(0, 20))) + rng.choice(string.digits)
+        for _ in range(3000)
+    ]
+    chunks += [
+        "".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(1, 9)))
+        for _ in range(2000)
+    ]
+    checked = 0
+    for chunk in chunks:
+        if scorer.single_token(chunk):
+            checked += 1
+            assert [t.text for t in scorer.tokenizer(chunk + " ")] == [chunk]
+            assert scorer.tokenize(chunk + " ") == ((0, chunk),)
+    assert checked > 4000
+
+
+def test_word_and_mark_agree_with_spacy(clf):
+    scorer = clf._engine.context
+    rng = random.Random(6)
+    words = (
+        list(corpus.WORDS) + [w.title() for w in corpus.WORDS] + [w.upper() for w in corpus.WORDS]
+    )
+    words += [k[:-1] for k in scorer._rules if k[-1:] in ".:" and k[:-1].isalpha()]
+    words += [str(rng.randrange(10 ** rng.randint(1, 12))) for _ in range(300)]
+    words += [
+        "".join(rng.choice(string.ascii_letters) for _ in range(rng.randint(1, 7)))
+        for _ in range(500)
+    ]
+    checked = 0
+    for w in words:
+        for mark in ",;!?.:":
+            for ws in ("", " ", "\n\n", "  ", " \n", "\t", "\n \n", "\u00a0", "\r\n"):
+                block = w + mark + ws
+                fast = scorer._word_punct(block)
+                if fast is not None:
+                    checked += 1
+                    assert fast == tuple((t.idx, t.text) for t in scorer.tokenizer(block)), block
+    assert checked > 10000
+
+
+def test_remove_duplicates_matches_presidio():
+    rng = random.Random(7)
+    for _ in range(5000):
+        items = []
+        for _ in range(rng.randint(0, 8)):
+            start = rng.randint(0, 10)
+            items.append(
+                (
+                    rng.choice("AB"),
+                    start,
+                    start + rng.randint(1, 6),
+                    rng.choice([0, 0.05, 0.4, 0.4, 1.0]),
+                )
+            )
+        want = EntityRecognizer.remove_duplicates([RecognizerResult(*x) for x in items])
+        assert sorted(remove_duplicates(items)) == sorted(
+            (r.entity_type, r.start, r.end, r.score) for r in want
+        )
+
+
+def test_phone_spans_match_presidio(clf):
+    """Spans without presidio's re-parse, and the early stop at the widest span."""
+    engine = clf._engine
+    rec = engine.recognizers[engine.kinds.index("phone")]
+    rng = random.Random(8)
+    chunks = []
+    for _ in range(150):
+        chunks.append(" " + corpus.phone(rng) + rng.choice([" ", ",", "\n", "x12 ", "/"]))
+        chunks.append(" ".join(corpus.phone(rng) for _ in range(rng.randint(1, 3))))
+        chunks.append("".join(rng.choice("0123456789 -()+./x") for _ in range(rng.randint(4, 30))))
+        chunks.append(rng.choice([corpus.ssn, corpus.credit_card, corpus.itin, corpus.ip])(rng))
+    for chunk in chunks:
+        want = tuple(sorted((r.start, r.end) for r in rec.analyze(chunk, rec.supported_entities)))
+        assert engine._phone_spans(chunk) == want
+        starts = [i for i, ch in enumerate(chunk) if ch.isdigit() or ch in "(+["]
+        ends = [i + 1 for i, ch in enumerate(chunk) if ch.isdigit() or ch == "#"]
+        if starts and ends and starts[0] < ends[-1]:
+            assert engine._phone_spans(chunk, (starts[0], ends[-1])) == want
