@@ -9,6 +9,9 @@ principal of the verified token (never from arguments), validates the arguments 
 SDK's argument model, runs the tool and maps every failure to an ``isError`` result with
 an actionable message. Nothing of a failure's stack reaches the agent; the server log gets
 the exception type and stack frames, never argument values or file content.
+
+``LodestoreMCP.call_tool`` is that runner without the SDK's request context, so the stdio
+transport's fast path (``server.transports``) can call it straight from the pipe.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from governance.errors import Unauthorized
 from governance.principals import Principal
 from storage.errors import StorageError
 from tools.common import FILES_URI, resource_uri
-from tools.registry import ToolContext, ToolError, ToolSpec
+from tools.registry import Progress, ToolContext, ToolError, ToolSpec
 
 from .metrics import Metrics
 from .wiring import App
@@ -73,7 +76,9 @@ DEFAULT_MAX_WRITE_BYTES = 16 << 20
 FILES_TEMPLATE = FILES_URI + "{path}"
 RESOURCE_LIST_MAX = 200
 
-Identity = Callable[[ServerRequestContext[Any, Any]], Awaitable[Principal]]
+# ``None``: a call that came without an SDK request context (the stdio fast path); an
+# identity that needs the request (HTTP) then refuses it
+Identity = Callable[[ServerRequestContext[Any, Any] | None], Awaitable[Principal]]
 
 
 def load_tools() -> list[ToolSpec]:
@@ -172,6 +177,19 @@ class _Entry:
     tool: Tool
 
 
+class StructuredResult(dict[str, Any]):
+    """A structured tool result in wire form that also keeps ``structured_json``: the
+    serialized ``structuredContent`` (its text block is the same bytes). The SDK treats it
+    as the plain dict it is; the stdio fast path splices the bytes into the reply instead
+    of serializing the structured content a second (and third) time."""
+
+    __slots__ = ("structured_json",)
+
+    def __init__(self, wire: dict[str, Any], structured_json: bytes) -> None:
+        super().__init__(wire)
+        self.structured_json = structured_json
+
+
 def _error(code: str, message: str) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=f"{code}: {message}")],
                           is_error=True)
@@ -259,6 +277,20 @@ class LodestoreMCP:
                                 self._list_templates)
         low.add_request_handler("resources/read", ReadResourceRequestParams,
                                 self._read_resource)
+        sdk_run = low.run
+
+        async def run(read_stream: Any, write_stream: Any, initialization_options: Any,
+                      raise_exceptions: bool = False) -> None:
+            """The SDK's server loop; on our stdio transport's stream it first hands the
+            transport this app's ``tools/call`` fast path (``lodestore serve`` runs the loop
+            as ``low.run(read, write, ...)``: the one place that sees app and transport)."""
+            attach = getattr(read_stream, "attach_tool_calls", None)
+            if attach is not None and not raise_exceptions:
+                from .transports import ToolCallFastPath
+                attach(ToolCallFastPath.for_app(self))
+            await sdk_run(read_stream, write_stream, initialization_options, raise_exceptions)
+
+        low.run = run  # type: ignore[method-assign]
 
     @property
     def lowlevel(self) -> Any:
@@ -268,7 +300,23 @@ class LodestoreMCP:
 
     async def _call_tool(self, ctx: ServerRequestContext[Any, Any],
                          params: CallToolRequestParams) -> CallToolResult | dict[str, Any]:
-        name = params.name
+        """The SDK's ``tools/call`` handler: progress goes through the SDK session."""
+        session = ctx.session
+
+        async def progress(done: float, total: float | None = None,
+                           message: str | None = None) -> None:
+            await session.report_progress(done, total, message)
+
+        return await self.call_tool(params.name, params.arguments or {}, progress, ctx=ctx)
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], progress: Progress, *,
+                        ctx: ServerRequestContext[Any, Any] | None = None
+                        ) -> CallToolResult | dict[str, Any]:
+        """Run one tool call as the caller's principal; every failure an ``isError`` result.
+
+        Needs no SDK request context (``ctx`` only reaches ``identity``), so a transport
+        can call it directly; ``progress`` reports to the caller (a no-op when the caller
+        asked for none)."""
         entry = self.entries.get(name)
         t0 = time.perf_counter()
         if entry is None:
@@ -277,7 +325,7 @@ class LodestoreMCP:
                           f"the tools: {', '.join(sorted(self.entries))}")
         outcome = "ok"
         try:
-            result = await self._run(ctx, entry, params.arguments or {})
+            result = await self._run(ctx, entry, arguments, progress)
             if isinstance(result, CallToolResult) and result.is_error:
                 outcome = "invalid"
             return result
@@ -296,8 +344,9 @@ class LodestoreMCP:
         finally:
             self.metrics.call(name, outcome, time.perf_counter() - t0)
 
-    async def _run(self, ctx: ServerRequestContext[Any, Any], entry: _Entry,
-                   arguments: dict[str, Any]) -> CallToolResult | dict[str, Any]:
+    async def _run(self, ctx: ServerRequestContext[Any, Any] | None, entry: _Entry,
+                   arguments: dict[str, Any], progress: Progress
+                   ) -> CallToolResult | dict[str, Any]:
         principal = await self.identity(ctx)
         meta = entry.tool.fn_metadata
         try:
@@ -309,12 +358,6 @@ class LodestoreMCP:
                 problems.append(f"{where}: {err['msg']}")
             return _error("invalid_arguments", f"{entry.spec.name}: " + "; ".join(problems) +
                           "; see the tool's input schema")
-        session = ctx.session
-
-        async def progress(done: float, total: float | None = None,
-                           message: str | None = None) -> None:
-            await session.report_progress(done, total, message)
-
         tctx = ToolContext(self.gateway, principal, progress, dict(self.limits))
         result = await entry.spec.fn(tctx, **args)
         return self._shape(entry, result)
@@ -343,7 +386,8 @@ class LodestoreMCP:
                 mode="json", by_alias=True)
         if meta.wrap_output:
             structured = {"result": structured}
-        text = pydantic_core.to_json(structured).decode()  # compact, UTF-8; 2-3x json.dumps
+        raw = pydantic_core.to_json(structured)  # compact, UTF-8; 2-3x json.dumps
+        text = raw.decode()
         if len(text) > 4 * self.max_reply_bytes + 65536:
             return _error("reply_too_large",
                           f"{entry.spec.name} produced a {len(text)}-byte reply, over this "
@@ -358,8 +402,8 @@ class LodestoreMCP:
                 mime_type=mimetypes.guess_type(link)[0] or "application/octet-stream",
                 size=structured.get("size")).model_dump(by_alias=True, mode="json",
                                                         exclude_none=True))
-        return {"content": content, "structuredContent": structured, "isError": False,
-                "resultType": "complete"}
+        return StructuredResult({"content": content, "structuredContent": structured,
+                                 "isError": False, "resultType": "complete"}, raw)
 
     # -- resources -----------------------------------------------------------------------
 
@@ -451,7 +495,7 @@ def token_identity(app: App, token: str) -> Identity:
     revocation takes effect during a session too."""
     gateway = app.gateway
 
-    async def identity(ctx: ServerRequestContext[Any, Any]) -> Principal:
+    async def identity(ctx: ServerRequestContext[Any, Any] | None) -> Principal:
         return gateway.authenticate(token)
     return identity
 
@@ -461,8 +505,8 @@ def http_identity() -> Identity:
     message; never anything from the message itself."""
     from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 
-    async def identity(ctx: ServerRequestContext[Any, Any]) -> Principal:
-        request = ctx.request
+    async def identity(ctx: ServerRequestContext[Any, Any] | None) -> Principal:
+        request = ctx.request if ctx is not None else None
         user = request.scope.get("user") if request is not None else None
         if isinstance(user, AuthenticatedUser):
             p = (user.access_token.claims or {}).get("principal")
