@@ -745,3 +745,46 @@ def test_gc_sweeps_unindexed_packs_and_keeps_live_blocks(wh: TokenWarehouse, vol
     assert len(pack_files(vol, "acme")) == 1
     wh.drop_hot()
     assert wh.get_blocks("acme", MODEL, live) == data
+
+
+# -- the chain-hash cache of recent puts ---------------------------------------------------
+
+def test_incremental_puts_hash_only_new_blocks_and_match_full_chain(
+        wh: TokenWarehouse, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt put in pieces (blocks 0..3, then 4..7, ...) hashes each block once, and
+    the hashes and parent links equal a full recompute."""
+    toks = tokens(12 * BS)
+    data = blocks_for(12, seed=9)
+    want = block_hashes(toks, BS)
+    calls = []
+    real = store_mod.hashing.hash_block_tokens
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(store_mod.hashing, "hash_block_tokens", counting)
+    got = []
+    for s in range(0, 12, 4):
+        got += wh.put_blocks("acme", MODEL, toks[:(s + 4) * BS], data[s:s + 4], BS,
+                             start_block=s)
+    assert got == want
+    assert len(calls) == 12  # not 4 + 8 + 12
+    mdir = model_dir(MODEL)
+    entries = wh._index_get("acme", mdir, [h.hex() for h in want])
+    assert [e.parent for e in entries] == [None, *(h.hex() for h in want[:-1])]
+    # another tenant, and another prompt with the same length, recompute their own chain
+    other = tokens(12 * BS, base=5)
+    other_want = block_hashes(other, BS)
+    calls.clear()
+    assert wh.put_blocks("globex", MODEL, toks, data[4:8], BS, start_block=4) == want[4:8]
+    assert wh.put_blocks("acme", MODEL, other, data[4:8], BS,
+                         start_block=4) == other_want[4:8]
+    assert len(calls) == 16  # 8 each: blocks 0..7 hashed, nothing taken from acme's chain
+
+
+@pytest.mark.parametrize("bad,where", [([1, 2, True], 2), ([1, -3], 1), ([1, 2.0], 1),
+                                       ([1 << 63], 0), (["7"], 0)])
+def test_token_ids_checked_with_the_bad_entry_named(wh: TokenWarehouse, bad, where) -> None:
+    with pytest.raises(InvalidArgument, match=rf"token_ids\[{where}\]"):
+        wh.put_blocks("acme", MODEL, bad * BS, blocks_for(1), 1)

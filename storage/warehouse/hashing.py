@@ -21,6 +21,7 @@ shared across processes needs a fixed root, so the default here is vLLM's root w
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,10 +66,20 @@ def hash_block_tokens(parent_block_hash: bytes | None, curr_block_token_ids: Seq
 
 
 def check_token_ids(token_ids: Any) -> list[int]:
-    """Token ids as a list of non-negative ints, or a clear error."""
+    """Token ids as a list of non-negative ints, or a clear error.
+
+    Checked in C first (exact int types, then a signed 64-bit array for the range): a prompt's ids are re-sent with every put, so a per-id Python check cost
+    more than hashing. Only a list that fails is walked, to name the bad entry."""
     if isinstance(token_ids, str | bytes | bytearray) or not isinstance(token_ids, Sequence):
         raise InvalidArgument("token_ids must be a list of integers")
     out = list(token_ids)
+    if set(map(type, out)) <= {int}:  # exactly int: no bools, no numpy scalars
+        try:
+            arr = array("q", out)
+            if not arr or min(arr) >= 0:
+                return out
+        except OverflowError:
+            pass
     for i, t in enumerate(out):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_TOKEN_ID:
             raise InvalidArgument(
@@ -85,12 +96,14 @@ def check_block_size(block_size: Any) -> int:
 
 def block_hashes(token_ids: Sequence[int], block_size: int,
                  extra_keys: Sequence[tuple[Any, ...] | None] | None = None, *,
-                 none_hash: bytes = NONE_HASH, limit: int | None = None) -> list[bytes]:
+                 none_hash: bytes = NONE_HASH, limit: int | None = None,
+                 parent: bytes | None = None) -> list[bytes]:
     """Hashes of the full blocks of ``token_ids`` (a trailing partial block has none).
 
     ``extra_keys``: one entry (``None`` or a tuple) per full block, as vLLM's
     ``generate_block_hash_extra_keys`` yields them; ``None`` means no extra keys anywhere.
     ``limit``: hash at most this many blocks (lookups stop early this way).
+    ``parent``: the hash of the block before ``token_ids`` (None: they start the chain).
     """
     check_block_size(block_size)
     n = len(token_ids) // block_size
@@ -102,7 +115,6 @@ def block_hashes(token_ids: Sequence[int], block_size: int,
             raise InvalidArgument(f"extra_keys has {len(extra_keys)} entries but there are {n} "
                                   "full blocks; give one entry (null or a list) per block")
     out: list[bytes] = []
-    parent: bytes | None = None
     for i in range(n):
         ek = extra_keys[i] if extra_keys is not None else None
         if ek is not None and not isinstance(ek, tuple):

@@ -1,9 +1,13 @@
-"""The warehouse's in-memory state: the hot tier of block bytes and per-tenant recency."""
+"""The warehouse's in-memory state: the hot tier of block bytes, per-tenant recency and
+the chain-hash cache of recent puts."""
 
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import OrderedDict
+
+import blake3
 
 
 class HotTier:
@@ -82,3 +86,42 @@ class _Usage:
         old = self.order.pop(path, None)
         if old is not None:
             self.total -= old
+
+
+class ChainCache:
+    """The hash of the last block of token prefixes recently put, so that a put of blocks
+    n.. of a prompt whose blocks ..n-1 came in an earlier call hashes only the new blocks
+    (re-hashing the prefix made a prompt's puts quadratic in its length).
+
+    Keyed by tenant, block size, root and blake3 of the prefix's token ids: a prefix
+    built to collide with another tenant's (or another prompt's) cannot be found."""
+
+    def __init__(self, entries: int = 4096) -> None:
+        self.entries = entries
+        self._d: OrderedDict[tuple[str, int, bytes, bytes], bytes] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(tenant: str, tokens: list[int], bs: int, root: bytes, n: int
+             ) -> tuple[str, int, bytes, bytes]:
+        digest = blake3.blake3(array("q", tokens[:n * bs]).tobytes()).digest()
+        return tenant, bs, root, digest
+
+    def get(self, tenant: str, tokens: list[int], bs: int, root: bytes, n: int
+            ) -> bytes | None:
+        """Hash of block n-1 of ``tokens``, if known."""
+        key = self._key(tenant, tokens, bs, root, n)
+        with self._lock:
+            h = self._d.get(key)
+            if h is not None:
+                self._d.move_to_end(key)
+            return h
+
+    def put(self, tenant: str, tokens: list[int], bs: int, root: bytes, n: int,
+            h: bytes) -> None:
+        key = self._key(tenant, tokens, bs, root, n)
+        with self._lock:
+            self._d[key] = h
+            self._d.move_to_end(key)
+            while len(self._d) > self.entries:
+                self._d.popitem(last=False)

@@ -81,7 +81,7 @@ from ..errors import (
 from ..volume import FileInfo, Volume, decode_cursor, encode_cursor
 from . import hashing
 from .hashing import HASH_ALGORITHM, HASH_BYTES
-from .memory_tiers import HotTier, _Usage
+from .memory_tiers import ChainCache, HotTier, _Usage
 from .records import (
     MAX_BLOCK_BYTES,
     BadBlock,
@@ -184,6 +184,7 @@ class TokenWarehouse:
             raise InvalidArgument("default_ttl must be positive seconds (or None: no expiry)")
         self.vol = vol
         self.hot = HotTier(hot_bytes)
+        self._chain = ChainCache()
         self.capacity_bytes = capacity_bytes
         self.default_ttl = default_ttl
         self.root = hashing.root_hash(hash_seed, root_hash)
@@ -428,8 +429,19 @@ class TokenWarehouse:
                 f"{start_block}..{want - 1} were given; send the token ids of the whole prefix "
                 "up to the end of the last block")
         root = info.root if info is not None else self.root
-        all_hashes = hashing.block_hashes(tokens, bs, extra_keys, none_hash=root, limit=want)
-        mine = all_hashes[start_block:want]
+        # the chain up to start_block from an earlier put of this prefix: hash only the new
+        parent = (self._chain.get(tenant, tokens, bs, root, start_block)
+                  if start_block > 0 and extra_keys is None else None)
+        if start_block == 0 or parent is not None:
+            mine = hashing.block_hashes(tokens[start_block * bs:want * bs], bs, extra_keys,
+                                        none_hash=root, parent=parent)
+            first_parent = parent
+        else:
+            chain = hashing.block_hashes(tokens, bs, extra_keys, none_hash=root, limit=want)
+            mine, first_parent = chain[start_block:want], chain[start_block - 1]
+        prev: list[bytes | None] = [first_parent, *mine[:-1]]
+        if extra_keys is None:
+            self._chain.put(tenant, tokens, bs, root, want, mine[-1])
         if hashes is not None:
             if isinstance(hashes, str | bytes) or len(hashes) != len(datas):
                 raise HashMismatch(f"give one hash per block ({len(datas)}), or none")
@@ -457,7 +469,7 @@ class TokenWarehouse:
         if info is None or info.block_size is None or info.block_bytes is None:
             info = self.register_model(tenant, model, bs, block_bytes=expect)
         written, nbytes = self._store_blocks(tenant, info, mine, datas, start_block,
-                                             all_hashes, exp)
+                                             prev, exp)
         self._after_put(tenant, exp)
         return PutResult(mine, written, nbytes)
 
@@ -475,7 +487,8 @@ class TokenWarehouse:
         return exp is None or exp > now
 
     def _store_blocks(self, tenant: str, info: ModelInfo, hashes: list[bytes],
-                      datas: list[bytes | memoryview], start: int, chain: list[bytes],
+                      datas: list[bytes | memoryview], start: int,
+                      prev: list[bytes | None],
                       exp: float | None) -> tuple[int, int]:
         """Write the new blocks into pack files, then index them in one KV transaction.
 
@@ -551,8 +564,8 @@ class TokenWarehouse:
                 for i in group:
                     pos = start + i
                     n = len(datas[i])
-                    e = _Entry(pack, off, n, pos, exp,
-                               chain[pos - 1].hex() if pos > 0 else None, t)
+                    parent = prev[pos - start]
+                    e = _Entry(pack, off, n, pos, exp, parent.hex() if parent else None, t)
                     items.append((_index_key(d, hexes[i]), e.dumps()))
                     items.append((_ref_key(d, pack, hexes[i]), b""))
                     off += n
