@@ -235,3 +235,15 @@ def test_phone_spans_match_presidio(clf):
         ends = [i + 1 for i, ch in enumerate(chunk) if ch.isdigit() or ch == "#"]
         if starts and ends and starts[0] < ends[-1]:
             assert engine._phone_spans(chunk, (starts[0], ends[-1])) == want
+
+
+def test_forward_whitespace_searches_are_str_isspace():
+    """`re`'s \\s (forward searches) and the `regex` class (reverse) are str.isspace()."""
+    from governance.classify import context as ctx_mod
+
+    for c in range(0x110000):
+        ch = chr(c)
+        space = ch.isspace()
+        assert (ctx_mod._WS_FWD.match(ch) is not None) is space, hex(c)
+        assert (ctx_mod._NONWS_FWD.match(ch) is None) is space, hex(c)
+        assert (ctx_mod._WS_REV.search(ch) is not None) is space, hex(c)

@@ -217,3 +217,18 @@ def test_plain_words_tokenize_as_themselves():
     for w in words:
         if w not in specials:
             assert [t.text for t in nlp.tokenizer(w + " ")] == [w]
+
+
+def test_processes_are_seamless_above_thresholds(default):
+    """With thresholds, one range drops results below them early (duplicates are
+    final there); across ranges they stay for the global duplicate removal."""
+    rng = random.Random(9)
+    text = "\n".join(
+        corpus.document(rng, 8_000, kind, pii_per_kb=4, context_ratio=0.7).text
+        for kind in corpus.FILLERS
+    )
+    want = [(f.start, f.end, f.entity_type, f.score) for f in default.analyze(text)]
+    with Classifier(workers=3, parallel_min_chars=10_000, mp_context="fork") as par:
+        got = [(f.start, f.end, f.entity_type, f.score) for f in par.analyze(text)]
+    assert got == want
+    assert len(want) > 20

@@ -92,8 +92,8 @@ def _split(n: int, parts: int) -> list[tuple[int, int]]:
 def _dedupe(items: Iterable[tuple[str, int, int, float]]) -> list[tuple[str, int, int, float]]:
     """presidio's EntityRecognizer.remove_duplicates (per entity type), on plain tuples."""
     items = list(items)
-    if len(items) == 1 and items[0][3] > 0:
-        return items
+    if len(items) < 2:
+        return [r for r in items if r[3] > 0]
     return remove_duplicates(items)
 
 
@@ -184,6 +184,9 @@ class Classifier:
         if not text:
             return []
         raw, deduped = self._raw(text, mins)
+        if deduped and not self._ner:
+            # one range: duplicates per recognizer are gone and context flags are final
+            return _dedupe([(r[1], r[2], r[3], boosted(r[4]) if r[5] else r[4]) for r in raw])
         recs = self._engine.recognizers
         kinds = self._engine.kinds
         # 1. per-recognizer duplicate removal inside PatternRecognizer/PhoneRecognizer

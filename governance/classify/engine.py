@@ -244,28 +244,34 @@ class Engine:
             w = w_end
         if lo == 0:
             raw.extend(self._globals(text))
+        if not raw:
+            return raw
         by_rec: dict[int, list[RawResult]] = {}
         for r in raw:
             by_rec.setdefault(r[0], []).append(r)
+        # With the whole text in one range, each recognizer's duplicates are removed
+        # here for good, so a result whose final score misses its threshold can go now:
+        # it could only remove results of its type with lower scores (see
+        # `remove_duplicates`), which miss it too. Across ranges it must stay, since
+        # it may still remove a result from another range before the boost.
+        final = mins is not None and lo == 0 and hi == len(text)
         out: list[RawResult] = []
         for i, group in by_rec.items():
-            if self.kinds[i] in ("pattern", "phone"):
+            if len(group) > 1 and self.kinds[i] in ("pattern", "phone"):
                 group = dedupe_raw(group)
-            context = self.recognizers[i].context
+            context = self.recognizers[i].context if doc is not None else None
             for r in group:
                 score = r[4]
-                if mins is not None:
-                    best = boosted(score) if context and doc is not None else score
-                    if best < mins.get(r[1], 0.0):
+                floor = mins.get(r[1], 0.0) if mins is not None else 0.0
+                if context and score < 1.0:
+                    if boosted(score) < floor:
                         continue
-                boost = (
-                    doc is not None
-                    and bool(context)
-                    and score < 1.0
-                    and doc.any_supported(r[2], r[2] + 1, context)
-                )
-                if boost:
-                    r = (r[0], r[1], r[2], r[3], score, True)
+                    if doc.any_supported(r[2], r[2] + 1, context):  # type: ignore[union-attr]
+                        r = (r[0], r[1], r[2], r[3], score, True)
+                    elif final and score < floor:
+                        continue
+                elif score < floor:
+                    continue
                 out.append(r)
         return out
 

@@ -118,7 +118,7 @@ class Prefilter:
         hits: dict[int, list[int]] = {}
         if self.size == 0 or lo >= hi:
             return hits
-        data, with_b = to_scan_bytes(text[lo:hi])
+        data, with_b = to_scan_bytes(text if lo == 0 and hi == len(text) else text[lo:hi])
         db, scratch = self._dbs[0 if with_b else 1]
 
         def on_match(pid: int, _from: int, to: int, _flags: int, _ctx: object) -> None:
