@@ -20,9 +20,11 @@ block 360 KiB. Rows, for each block size:
 - **lookup**: longest-prefix lookups of a fully cached prompt (hot tier cold), p50 — for
   information.
 
-Each side is the best of ``--rounds`` (default 3) alternating raw/store rounds, every round
-printed: on a VM one pass of either side swings 2x with the host, so a single pass compares
-luck. Each round puts fresh blocks under fresh token ids, so nothing deduplicates.
+The raw side and the store side run interleaved, one batch each in turn (the order
+alternating), each side timed on its own: on this VM the disk's speed drifts 2x within a
+minute, so separate passes compare moments, not code. A side's figure is its best of
+``--rounds`` (default 3) rounds, every round printed. Each round puts fresh blocks under
+fresh token ids, so nothing deduplicates.
 
 Run from the repository root (a few minutes; ``--quick`` for a few seconds)::
 
@@ -82,10 +84,10 @@ def make_blocks(n: int, size: int, seed: int) -> list[bytes]:
     return out
 
 
-def raw_write(folder: str, blocks: list[bytes], fsync: bool) -> float:
-    os.makedirs(folder, exist_ok=True)
+def raw_write(folder: str, blocks: list[bytes], start: int, fsync: bool) -> float:
+    """Write ``blocks`` as plain files ``b{start + i}``, each fsynced when ``fsync``."""
     t0 = time.perf_counter()
-    for i, b in enumerate(blocks):
+    for i, b in enumerate(blocks, start):
         fd = os.open(os.path.join(folder, f"b{i:06d}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
                      0o644)
         try:
@@ -94,14 +96,12 @@ def raw_write(folder: str, blocks: list[bytes], fsync: bool) -> float:
                 os.fsync(fd)
         finally:
             os.close(fd)
-    if fsync:
-        fsync_dir(folder)
     return time.perf_counter() - t0
 
 
-def raw_read(folder: str, blocks: list[bytes]) -> float:
+def raw_read(folder: str, blocks: list[bytes], start: int) -> float:
     t0 = time.perf_counter()
-    for i, b in enumerate(blocks):
+    for i, b in enumerate(blocks, start):
         with open(os.path.join(folder, f"b{i:06d}"), "rb", buffering=0) as f:
             data = f.read()
         if len(data) != len(b):
@@ -112,12 +112,16 @@ def raw_read(folder: str, blocks: list[bytes]) -> float:
 def run_case(vol: Volume, work: str, block_tokens: int, total_mib: int, batch: int,
              fsync: bool, drop: bool, k: int, m: int, zfec_rate: float, seed: int,
              lookups: int, rounds: int = 3) -> dict[str, Any]:
-    """Put and get rates of one block size, each the best of ``rounds`` alternating
-    raw/store rounds: on this kind of VM one pass of either side swings 2x with the host
-    (raw write 160-330 MiB/s minutes apart; the first reads after a cache drop at a
-    fraction of the disk's speed), so a single pass compares luck, not code. Every round
-    puts fresh blocks under fresh token ids (nothing deduplicates) and every round's
-    figures are reported."""
+    """Put and get rates of one block size, raw and store interleaved batch by batch.
+
+    On this kind of VM the disk's speed drifts 2x within a minute (raw write 160-440
+    MiB/s between passes; the first reads after a cache drop at a fraction of the disk's
+    speed), so two separate passes compare moments, not code. Each round therefore runs
+    the raw side and the store side one batch each in turn (the order alternating batch
+    by batch), timing each side on its own; both see the same disk. A side's figure is
+    its best round; every round's figures are reported. Every round puts fresh blocks
+    under fresh token ids (nothing deduplicates); reads start from a dropped page cache.
+    """
     size = block_tokens * BYTES_PER_TOKEN
     n = max(batch, total_mib * MiB // size)
     total = n * size
@@ -140,28 +144,42 @@ def run_case(vol: Volume, work: str, block_tokens: int, total_mib: int, batch: i
             if raw_dir:
                 shutil.rmtree(raw_dir, ignore_errors=True)
             raw_dir = os.path.join(work, f"raw-{block_tokens}-{r}")
+            os.makedirs(raw_dir)
             os.sync()
-            raw_w_t.append(raw_write(raw_dir, blocks, fsync))
-            os.sync()
-            t0 = time.perf_counter()
+            t_raw = t_put = 0.0
             hashes = []
-            for s in range(0, n, batch):
-                hashes += wh.put_blocks(TENANT, model, token_ids, blocks[s:s + batch],
-                                        start_block=s)
-            put_t.append(time.perf_counter() - t0)
+            for j, s in enumerate(range(0, n, batch)):
+                part = blocks[s:s + batch]
+                for side in ("raw", "store") if j % 2 == 0 else ("store", "raw"):
+                    if side == "raw":
+                        t_raw += raw_write(raw_dir, part, s, fsync)
+                        continue
+                    t0 = time.perf_counter()
+                    hashes += wh.put_blocks(TENANT, model, token_ids, part, start_block=s)
+                    t_put += time.perf_counter() - t0
+            if fsync:  # the raw files' directory entries, once for the round
+                t0 = time.perf_counter()
+                fsync_dir(raw_dir)
+                t_raw += time.perf_counter() - t0
+            raw_w_t.append(t_raw)
+            put_t.append(t_put)
         os.sync()
         for _r in range(rounds):  # the last round's blocks, read back
-            if drop:
-                drop_caches()
-            raw_r_t.append(raw_read(raw_dir, blocks))
             wh.drop_hot()
             if drop:
                 drop_caches()
-            t0 = time.perf_counter()
+            t_raw = t_get = 0.0
             got: list[bytes | None] = []
-            for s in range(0, n, batch):
-                got += wh.get_blocks(TENANT, model, hashes[s:s + batch])
-            get_t.append(time.perf_counter() - t0)
+            for j, s in enumerate(range(0, n, batch)):
+                for side in ("raw", "store") if j % 2 == 0 else ("store", "raw"):
+                    if side == "raw":
+                        t_raw += raw_read(raw_dir, blocks[s:s + batch], s)
+                        continue
+                    t0 = time.perf_counter()
+                    got += wh.get_blocks(TENANT, model, hashes[s:s + batch])
+                    t_get += time.perf_counter() - t0
+            raw_r_t.append(t_raw)
+            get_t.append(t_get)
             if got != blocks:
                 raise RuntimeError("the warehouse returned different bytes than were put")
             del got
@@ -205,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--durability", choices=["fsync", "none"], default="fsync")
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--rounds", type=int, default=3,
-                    help="alternating raw/store rounds per side, best of each (default 3)")
+                    help="interleaved raw/store rounds, best of each side (default 3)")
     ap.add_argument("--quick", action="store_true", help="32 MiB per block size, 1 round")
     ap.add_argument("--json", default=None, help="also write the figures to this file")
     ap.add_argument("--keep", action="store_true", help="keep the throwaway store")
@@ -267,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         return " / ".join(f"{v:.0f}" for v in r[key])
 
     for r in results:
-        out.print(f"{r['block_tokens']} tok, best of {r['rounds']} alternating rounds (MiB/s): "
+        out.print(f"{r['block_tokens']} tok, best of {r['rounds']} interleaved rounds (MiB/s): "
                   f"raw write {rounds(r, 'raw_write_rounds_mib_s')}; put {rounds(r, 'put_rounds_mib_s')}"
                   f"; raw read {rounds(r, 'raw_read_rounds_mib_s')}; get {rounds(r, 'get_rounds_mib_s')}")
     if args.json:
