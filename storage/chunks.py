@@ -278,6 +278,65 @@ class ChunkStore:
         have.update(self._degraded(rec, pieces, have, pre))
         return b"".join(have[i] for i, _a, _b in pieces)
 
+    def read_into(self, tenant: str, cid: str, start: int, end: int, out: memoryview,
+                  parallel: bool = True) -> None:
+        """``read`` into ``out`` (``min(end, length) - start`` bytes). Healthy layout-3
+        shares are read straight into their place in ``out`` (in parallel unless told
+        not to); anything else (a share down, damaged or unaligned, layout 2) goes through
+        ``read`` and is copied in."""
+        rec = self.record(tenant, cid)
+        end = min(end, rec.length)
+        if start >= end:
+            return
+        if len(out) != end - start:
+            raise ValueError("out must hold exactly the bytes of the range")
+        s, bs = rec.share_len, rec.block_size
+        pieces = [(i, max(start, i * s) - i * s, min(end, (i + 1) * s) - i * s)
+                  for i in range(start // s, (end - 1) // s + 1)]
+        if rec.layout != 3 or any(self._skip(rec, i) for i, _a, _b in pieces):
+            out[:] = self.read(tenant, cid, start, end)
+            return
+
+        def one(i: int, a: int, b: int) -> None:
+            dest = out[i * s + a - start:i * s + b - start]
+            if fragment.aligned3(a, b, bs, s):
+                self._fetch_into(rec, i, a, b, dest)
+            else:
+                dest[:] = self._fetch_range(rec, i, a, b)
+
+        failed = False
+        if len(pieces) == 1 or not parallel:
+            for i, a, b in pieces:
+                try:
+                    one(i, a, b)
+                except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                    self._note_failure(rec, i, exc)
+                    failed = True
+        else:
+            futs = [(i, self.io.submit(one, i, a, b)) for i, a, b in pieces]
+            for i, fut in futs:
+                try:
+                    fut.result()
+                except (NotFound, CorruptFragment, TargetUnavailable) as exc:
+                    self._note_failure(rec, i, exc)
+                    failed = True
+        if failed:  # read around the bad share (decoding from parity), as ``read`` does
+            out[:] = self.read(tenant, cid, start, end)
+
+    def _fetch_into(self, rec: ChunkRecord, i: int, start: int, end: int,
+                    out: memoryview) -> None:
+        tid = rec.placement[i] if i < len(rec.placement) else ""
+        target = self.targets.get(tid)
+        if target is None:
+            raise NotFound(f"share {i} has no live copy")
+        key = fragment_key(rec.tenant, rec.cid, i)
+        tkey = (rec.tenant, rec.cid, i, rec.block_size)
+        fragment.read_range3_into(
+            lambda off, n: target.get_range(key, off, n),
+            lambda off, views: target.get_range_into(key, off, views),
+            bytes.fromhex(rec.cid), i, rec.block_size, rec.share_len, start, end, out,
+            self._tables.get(tkey), lambda t: self._tables.put(tkey, t))
+
     def _prefetch_parity(self, rec: ChunkRecord, pieces: list[tuple[int, int, int]]
                          ) -> Prefetch | None:
         """When data shares of the read sit on targets known to be down, start fetching

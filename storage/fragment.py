@@ -272,6 +272,47 @@ def read_range3(
     return data[start - lo:end - lo]
 
 
+FetchInto = Callable[[int, list[memoryview]], int]
+
+
+def aligned3(start: int, end: int, block_size: int, share_len: int) -> bool:
+    """Can ``read_range3_into`` read share bytes [start, end) straight into a buffer of
+    their size? (Both edges on block boundaries, or the end at the share's end.)"""
+    return start % block_size == 0 and (end % block_size == 0 or end >= share_len)
+
+
+def read_range3_into(
+    fetch: Fetch, fetch_into: FetchInto, cid: bytes, index: int, block_size: int,
+    share_len: int, start: int, end: int, out: memoryview, tables: Tables | None,
+    keep: Callable[[Tables], None] | None = None,
+) -> None:
+    """``read_range3`` into ``out`` (``end - start`` bytes, ``aligned3`` edges): the
+    kernel copies the data into place and nothing copies it again. Raises
+    CorruptFragment (``out`` then holds garbage: the caller reads around it)."""
+    end = min(end, share_len)
+    if len(out) != end - start or not aligned3(start, end, block_size, share_len):
+        raise ValueError("read_range3_into needs a buffer of the range's size, block-aligned")
+    if start >= end:
+        return
+    bs = block_size
+    if tables is None:
+        doff = data_offset(share_len, bs)
+        if start <= ONE_SHOT:  # header, tables and the data in one read
+            head = bytearray(doff + start)
+            got = fetch_into(0, [memoryview(head), out]) - len(head)
+            tables = Tables.parse(memoryview(head), cid, index, bs, share_len)
+        else:
+            tables = Tables.parse(fetch(0, doff), cid, index, bs, share_len)
+            got = fetch_into(doff + start, [out])
+        if keep is not None:
+            keep(tables)
+    else:
+        got = fetch_into(tables.data_off + start, [out])
+    if got != len(out):
+        raise CorruptFragment("fragment is truncated")
+    verify3(out, start // bs, tables, cid, index, bs, share_len)
+
+
 # -- layout 2 reads ---------------------------------------------------------------------
 
 def block_span(share_start: int, share_end: int, block_size: int) -> tuple[int, int, int]:

@@ -71,6 +71,18 @@ class Target(ABC):
     def get_range(self, key: str, start: int, length: int) -> bytes:
         """``length`` bytes from ``start`` (fewer at the end of the object)."""
 
+    def get_range_into(self, key: str, start: int, views: list[memoryview]) -> int:
+        """Read from ``start`` into ``views`` one after the other (a scatter read);
+        returns the bytes read (fewer at the end of the object). Folders read straight
+        into the views; this default copies from ``get_range``."""
+        data = memoryview(self.get_range(key, start, sum(len(v) for v in views)))
+        pos = 0
+        for v in views:
+            n = min(len(v), len(data) - pos)
+            v[:n] = data[pos:pos + n]
+            pos += n
+        return pos
+
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove ``key``; absent keys are not an error."""

@@ -174,6 +174,33 @@ class LocalDirTarget(Target):
                 return self.get_range(key, start, length)
             raise self._unavailable(exc, "read") from exc
 
+    def get_range_into(self, key: str, start: int, views: list[memoryview]) -> int:
+        path = f"{self.root}/{key}"
+        want = sum(len(v) for v in views)
+        try:
+            fd = self._fds.get(path)
+            got = os.preadv(fd, views, start)
+            while 0 < got < want:  # a short read (signals, huge requests): the rest
+                rest, skip = [], got
+                for v in views:
+                    if skip >= len(v):
+                        skip -= len(v)
+                        continue
+                    rest.append(v[skip:])
+                    skip = 0
+                n = os.preadv(fd, rest, start + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+        except FileNotFoundError as exc:
+            raise self._missing(key) from exc
+        except OSError as exc:
+            self._fds.drop(path)
+            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry once
+                return self.get_range_into(key, start, views)
+            raise self._unavailable(exc, "read") from exc
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         self._fds.drop(path)
