@@ -125,7 +125,8 @@ def fragment_size(share_len: int, block_size: int, layout: int = FORMAT_VERSION)
     return data_offset(share_len, block_size) + share_len
 
 
-def _seed_base(cid: bytes, index: int) -> int:
+def seed_base(cid: bytes, index: int) -> int:
+    """The xxh3 seed of share ``index`` of chunk ``cid`` (its first 8 bytes suffice)."""
     return (int.from_bytes(cid[:8], "little") ^ (index << 56)) & _MASK64
 
 
@@ -140,7 +141,7 @@ def encode_parts(header: FragmentHeader, share: bytes | memoryview) -> list[Any]
     view = memoryview(share)
     n = len(view)
     digest = xxhash.xxh3_64_digest
-    base = _seed_base(header.cid, header.index)
+    base = seed_base(header.cid, header.index)
     blocks = b"".join([digest(view[o:o + bs], base ^ j)
                        for j, o in enumerate(range(0, n, bs))])
     seg = segment_blocks(bs) * bs
@@ -165,7 +166,7 @@ def _encode2(header: FragmentHeader, share: bytes | memoryview) -> bytearray:
     out[:HEADER_SIZE] = header.pack()
     pos = HEADER_SIZE
     digest = xxhash.xxh3_64_digest
-    base = _seed_base(header.cid, header.index)
+    base = seed_base(header.cid, header.index)
     for j, off in enumerate(range(0, len(view), bs)):
         block = view[off : off + bs]
         end = pos + len(block)
@@ -214,7 +215,7 @@ def verify3(data: bytes | memoryview, first: int, tables: Tables, cid: bytes, in
     sb = segment_blocks(bs)
     nb = _nblocks(share_len, bs)
     digest = xxhash.xxh3_64_digest
-    base = _seed_base(cid, index)
+    base = seed_base(cid, index)
     blocks, segs = tables.blocks, tables.segments
     end_block = first + -(-len(view) // bs)
     if first * bs + len(view) > share_len or end_block > nb:
@@ -334,7 +335,7 @@ def verify_blocks(
     view = memoryview(raw)
     size = len(view)
     digest = xxhash.xxh3_64_digest
-    base = _seed_base(cid, index)
+    base = seed_base(cid, index)
     step = block_size + CSUM
     nblocks = -(-size // step)
     last = first_block + nblocks - 1
@@ -404,7 +405,7 @@ def decode_whole(raw: bytes | memoryview, cid: bytes, index: int) -> tuple[Fragm
 def _verify_each_block(data: memoryview, tables: Tables, cid: bytes, index: int, bs: int,
                        share_len: int) -> None:
     digest = xxhash.xxh3_64_digest
-    base = _seed_base(cid, index)
+    base = seed_base(cid, index)
     for j, off in enumerate(range(0, share_len, bs)):
         if digest(data[off:off + bs], base ^ j) != tables.blocks[j * 8:j * 8 + 8]:
             raise CorruptFragment(f"checksum mismatch in block {j} of share {index}")

@@ -7,9 +7,14 @@ A refusal names the problem, so an agent can fix its call.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 
 from .errors import InvalidPath
+
+# Unicode's control characters (general category Cc) are exactly these two ranges; one
+# regex search instead of a category lookup per character (a quarter of a stat's time)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 MAX_COMPONENT_BYTES = 255
 MAX_PATH_BYTES = 4096
@@ -27,9 +32,10 @@ def split_path(path: str) -> tuple[str, ...]:
         raise InvalidPath("path is empty; use '/' for the root or '/dir/name' for an entry")
     if "\x00" in path:
         raise InvalidPath(f"path {path!r} contains a NUL byte; remove it")
-    for ch in path:
-        if unicodedata.category(ch) == "Cc":
-            raise InvalidPath(f"path {path!r} contains control character {ch!r}; remove it")
+    bad = _CONTROL.search(path)
+    if bad is not None:
+        raise InvalidPath(f"path {path!r} contains control character {bad.group()!r}; "
+                          "remove it")
     if "\\" in path:
         raise InvalidPath(f"path {path!r} contains a backslash; use '/' as the separator")
     norm = path if path.isascii() else unicodedata.normalize("NFC", path)

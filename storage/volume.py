@@ -726,6 +726,7 @@ class FileReader:
         self.size = e.size
         self.info = _info(path, e)
         self.refs = unpack_refs(e.chunks)
+        self.hexes = [cid.hex() for cid, _n in self.refs]
         self.starts: list[int] = []
         pos = 0
         for _, n in self.refs:
@@ -756,6 +757,13 @@ class FileReader:
         if self.entry.chunks is None:
             return (self.entry.data or b"")[offset:end]
         if end - offset < IN_PLACE_MIN:
+            i = bisect.bisect_right(self.starts, offset) - 1
+            s0 = self.starts[i]
+            if end <= s0 + self.refs[i][1]:  # within one chunk: try the cached fast path
+                data = self.vol.chunks.read_small(self.tenant, self.hexes[i], offset - s0,
+                                                  end - s0)
+                if data is not None:
+                    return data
             pieces = self._pieces(offset, end)
             if len(pieces) == 1:
                 cid, a, b = pieces[0]

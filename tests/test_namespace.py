@@ -945,3 +945,11 @@ def test_short_lived_threads_do_not_leak_connections(vol: Volume) -> None:
         th.join()
     grown = len(os.listdir("/proc/self/fd")) - before
     assert grown < 10, f"40 finished threads left {grown} more open descriptors behind"
+
+
+def test_control_character_check_is_exactly_unicode_category_cc():
+    from storage.paths import _CONTROL
+
+    for c in range(0x110000):
+        ch = chr(c)
+        assert (_CONTROL.match(ch) is not None) == (unicodedata.category(ch) == "Cc"), hex(c)

@@ -160,3 +160,38 @@ def test_object_store_style_targets_fill_views_by_copy():
     assert t.get_range_into("k", 1000, [memoryview(a), memoryview(b)]) == 24
     assert bytes(a) == (bytes(range(256)) * 4)[1000:1010]
     assert bytes(b[:14]) == (bytes(range(256)) * 4)[1010:1024]
+
+
+def test_small_reads_take_the_cached_path_and_read_around_damage(store):
+    home, vol, data = store
+    r = vol.open_file("acme", "/f.bin")
+    r.read()  # caches the records and every share's checksum tables
+    chunks = vol.chunks
+    rng = random.Random(5)
+    share = MiB // 4
+    cases = [(0, 1), (4095, 2), (4096, 4096), (share - 3, 3), (share - 3, 6), (MiB - 1, 1),
+             (5 * MiB, 12_345), (5 * MiB + 12_340, 10)]
+    cases += [(o, rng.randrange(1, 9000)) for o in (rng.randrange(len(data)) for _ in range(300))]
+    fast = 0
+    for off, ln in cases:
+        ci = off // MiB
+        cid = r.refs[ci][0].hex()
+        end = min(off + ln, (ci + 1) * MiB, len(data))
+        got = chunks.read_small("acme", cid, off - ci * MiB, end - ci * MiB)
+        if got is not None:
+            fast += 1
+            assert got == data[off:end], (off, ln)
+        assert r.read(off, ln) == data[off:off + ln]
+    assert fast > len(cases) // 2  # within one share and cached: most of them
+    # a flipped byte: the fast path declines, the general path reads around it
+    cid = r.refs[1][0].hex()
+    p = frag_path(home, vol, cid, 0)
+    raw = bytearray(p.read_bytes())
+    raw[-share + 5000] ^= 1  # share byte 5000: block 1 of share 0
+    p.write_bytes(bytes(raw))
+    assert chunks.read_small("acme", cid, 4096, 8192) is None
+    assert r.read(MiB + 4096, 4096) == data[MiB + 4096:MiB + 8192]
+    # a target marked down: declined too
+    chunks.mark_down(vol.chunks.record("acme", cid).placement[2])
+    assert chunks.read_small("acme", cid, 2 * share, 2 * share + 10) is None
+    assert r.read(MiB + 2 * share, 10) == data[MiB + 2 * share:MiB + 2 * share + 10]
