@@ -219,6 +219,12 @@ class ChunkStore:
     def _fetch_range(self, rec: ChunkRecord, i: int, start: int, end: int) -> bytes:
         return b"".join(self._fetch_parts(rec, i, start, end))
 
+    def _fetch_col(self, rec: ChunkRecord, i: int, start: int, end: int
+                   ) -> bytes | memoryview:
+        """``_fetch_range`` for decoding: a view, not a copy, when the range is one piece."""
+        parts = self._fetch_parts(rec, i, start, end)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     def _fetch_parts(self, rec: ChunkRecord, i: int, start: int, end: int
                      ) -> list[memoryview]:
         """Share i's bytes [start, end), verified, as views (a caller assembling many
@@ -326,46 +332,64 @@ class ChunkStore:
                   parallel: bool = True) -> None:
         """``read`` into ``out`` (``min(end, length) - start`` bytes). Healthy layout-3
         shares are read straight into their place in ``out`` (in parallel unless told
-        not to); anything else (a share down, damaged or unaligned, layout 2) goes through
-        ``read`` and is copied in."""
+        not to); shares that are down or fail their checks are rebuilt from parity into
+        theirs, as ``read`` does. Layout 2 goes through ``read`` and is copied in."""
         rec = self.record(tenant, cid)
         end = min(end, rec.length)
         if start >= end:
             return
         if len(out) != end - start:
             raise ValueError("out must hold exactly the bytes of the range")
+        if rec.layout != 3:
+            out[:] = self.read(tenant, cid, start, end)
+            return
         s, bs = rec.share_len, rec.block_size
         pieces = [(i, max(start, i * s) - i * s, min(end, (i + 1) * s) - i * s)
                   for i in range(start // s, (end - 1) // s + 1)]
-        if rec.layout != 3 or any(self._skip(rec, i) for i, _a, _b in pieces):
-            out[:] = self.read(tenant, cid, start, end)
-            return
+
+        def dest(i: int, a: int, b: int) -> memoryview:
+            return out[i * s + a - start:i * s + b - start]
 
         def one(i: int, a: int, b: int) -> None:
-            dest = out[i * s + a - start:i * s + b - start]
             if fragment.aligned3(a, b, bs, s):
-                self._fetch_into(rec, i, a, b, dest)
+                self._fetch_into(rec, i, a, b, dest(i, a, b))
             else:
-                dest[:] = self._fetch_range(rec, i, a, b)
+                dest(i, a, b)[:] = self._fetch_range(rec, i, a, b)
 
-        failed = False
-        if len(pieces) == 1 or not parallel:
-            for i, a, b in pieces:
+        down = {i for i, _a, _b in pieces if self._skip(rec, i)}
+        pre = self._prefetch_parity(rec, pieces) if down else None
+        healthy = [p for p in pieces if p[0] not in down]
+        failed: set[int] = set()
+        if len(healthy) == 1 or not parallel:
+            for i, a, b in healthy:
                 try:
                     one(i, a, b)
                 except (NotFound, CorruptFragment, TargetUnavailable) as exc:
                     self._note_failure(rec, i, exc)
-                    failed = True
+                    failed.add(i)
         else:
-            futs = [(i, self.io.submit(one, i, a, b)) for i, a, b in pieces]
+            futs = [(i, self.io.submit(one, i, a, b)) for i, a, b in healthy]
             for i, fut in futs:
                 try:
                     fut.result()
                 except (NotFound, CorruptFragment, TargetUnavailable) as exc:
                     self._note_failure(rec, i, exc)
-                    failed = True
-        if failed:  # read around the bad share (decoding from parity), as ``read`` does
+                    failed.add(i)
+        if not down and not failed:
+            return
+        # rebuild the missing pieces from parity, straight into their places
+        have = {i: dest(i, a, b) for i, a, b in healthy if i not in failed}
+        try:
+            rebuilt = self._degraded(rec, pieces, have, pre)  # type: ignore[arg-type]
+        except DataLost:
+            fresh = self.record(tenant, cid, refresh=True)  # a repair may have moved shares
+            if fresh.placement == rec.placement:
+                raise
             out[:] = self.read(tenant, cid, start, end)
+            return
+        for i, a, b in pieces:
+            if i in rebuilt:
+                dest(i, a, b)[:] = rebuilt[i]
 
     def _fetch_into(self, rec: ChunkRecord, i: int, start: int, end: int,
                     out: memoryview) -> None:
@@ -396,7 +420,7 @@ class ChunkStore:
         spare = [i for i in range(rec.k, rec.m) if not self._skip(rec, i)]
         spare += [i for i in range(rec.k) if i not in {p[0] for p in pieces}
                   and not self._skip(rec, i)]
-        return lo, hi, {i: self.io.submit(self._fetch_range, rec, i, lo, hi)
+        return lo, hi, {i: self.io.submit(self._fetch_col, rec, i, lo, hi)
                         for i in spare[:max(0, want)]}
 
     def _skip(self, rec: ChunkRecord, i: int) -> bool:
@@ -456,7 +480,7 @@ class ChunkStore:
                     f"{rec.k} shares needed are readable ({'; '.join(errors[:3])}); "
                     "restore the missing targets and run `lodestore repair`"
                 )
-            futs = {i: self.io.submit(self._fetch_range, rec, i, lo, hi) for i in batch}
+            futs = {i: self.io.submit(self._fetch_col, rec, i, lo, hi) for i in batch}
             for i, fut in futs.items():
                 try:
                     cols[i] = fut.result()

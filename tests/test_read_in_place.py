@@ -195,3 +195,18 @@ def test_small_reads_take_the_cached_path_and_read_around_damage(store):
     chunks.mark_down(vol.chunks.record("acme", cid).placement[2])
     assert chunks.read_small("acme", cid, 2 * share, 2 * share + 10) is None
     assert r.read(MiB + 2 * share, 10) == data[MiB + 2 * share:MiB + 2 * share + 10]
+
+
+def test_any_range_reads_back_with_two_targets_gone(store):
+    home, vol, data = store
+    for t in ("t1", "t4"):
+        (home / "targets" / t).rename(home / "targets" / f"{t}.gone")
+    vol.chunks._tables.d.clear()
+    r = vol.open_file("acme", "/f.bin")
+    rng = random.Random(9)
+    ranges = [(0, len(data)), (1, 3 * MiB), (MiB - 5, 70_000), (4096, 65_536)]
+    ranges += [(o, rng.randrange(64 * KiB, 2 * MiB)) for o in
+               (rng.randrange(len(data)) for _ in range(30))]
+    for (off, ln), out in zip(ranges, r.read_ranges(ranges), strict=True):
+        assert out == data[off:off + ln], (off, ln)
+    assert b"".join(vol.open_file("acme", "/f.bin").iter()) == data
