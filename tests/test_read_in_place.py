@@ -9,36 +9,20 @@ read around a damaged or missing share, and keep the bytes it returns immutable.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
+from test_fragment_layout import frag_path, make_volume
 
-from storage import StoreConfig, TargetSpec, Volume, buffers, fragment
-from storage.chunks import fragment_key
+from storage import buffers, fragment
 from storage.targets.base import Target
 
 KiB = 1024
 MiB = 1024 * KiB
 
 
-def make_volume(home: Path, chunk: int = 1 * MiB) -> Volume:
-    cfg = StoreConfig.embedded(home, chunk_size=chunk, inline_threshold=1 * KiB,
-                               durability="none")
-    cfg.targets = [TargetSpec(f"t{i}", (home / "targets" / f"t{i}").as_uri())
-                   for i in range(6)]
-    vol = Volume.init(home, cfg)
-    vol.create_tenant("acme")
-    return vol
-
-
-def frag_path(home: Path, vol: Volume, cid: str, i: int) -> Path:
-    rec = vol.meta.chunk_get("acme", cid)
-    return home / "targets" / rec.placement[i] / fragment_key("acme", cid, i)
-
-
 @pytest.fixture()
 def store(tmp_path):
-    vol = make_volume(tmp_path)
+    vol = make_volume(tmp_path, chunk=1 * MiB)
     data = random.Random(3).randbytes(5 * MiB + 12_345)  # chunks of 1 MiB, a short tail
     vol.write("acme", "/f.bin", data)
     yield tmp_path, vol, data

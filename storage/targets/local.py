@@ -14,7 +14,8 @@ import os
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from ..errors import ConfigError, NotFound, TargetUnavailable
@@ -33,6 +34,27 @@ def path_from_url(url: str) -> str:
         raise ConfigError(f"file URL {url!r} names a host; use file:///absolute/path")
     return unquote(p.path)
 
+
+T = TypeVar("T")
+
+
+def _preadv_all(fd: int, views: list[memoryview], start: int) -> int:
+    """``preadv`` until the views are full or the file ends; returns the bytes read."""
+    want = sum(len(v) for v in views)
+    got = os.preadv(fd, views, start)
+    while 0 < got < want:  # a short read (signals, huge requests): the rest
+        rest, skip = [], got
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            rest.append(v[skip:])
+            skip = 0
+        n = os.preadv(fd, rest, start + got)
+        if n == 0:
+            break
+        got += n
+    return got
 
 
 class _FdCache:
@@ -162,43 +184,22 @@ class LocalDirTarget(Target):
             raise self._unavailable(exc, "read") from exc
 
     def get_range(self, key: str, start: int, length: int) -> bytes:
-        path = f"{self.root}/{key}"  # keys come from the chunk layer; put() validates them
-        try:
-            fd = self._fds.get(path)
-            return os.pread(fd, length, start)
-        except FileNotFoundError as exc:
-            raise self._missing(key) from exc
-        except OSError as exc:
-            self._fds.drop(path)
-            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry once
-                return self.get_range(key, start, length)
-            raise self._unavailable(exc, "read") from exc
+        return self._with_fd(key, lambda fd: os.pread(fd, length, start))
 
     def get_range_into(self, key: str, start: int, views: list[memoryview]) -> int:
-        path = f"{self.root}/{key}"
-        want = sum(len(v) for v in views)
+        return self._with_fd(key, lambda fd: _preadv_all(fd, views, start))
+
+    def _with_fd(self, key: str, op: Callable[[int], T]) -> T:
+        """``op`` on the fragment's cached read descriptor, with errors as target errors."""
+        path = f"{self.root}/{key}"  # keys come from the chunk layer; put() validates them
         try:
-            fd = self._fds.get(path)
-            got = os.preadv(fd, views, start)
-            while 0 < got < want:  # a short read (signals, huge requests): the rest
-                rest, skip = [], got
-                for v in views:
-                    if skip >= len(v):
-                        skip -= len(v)
-                        continue
-                    rest.append(v[skip:])
-                    skip = 0
-                n = os.preadv(fd, rest, start + got)
-                if n == 0:
-                    break
-                got += n
-            return got
+            return op(self._fds.get(path))
         except FileNotFoundError as exc:
             raise self._missing(key) from exc
         except OSError as exc:
             self._fds.drop(path)
-            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry once
-                return self.get_range_into(key, start, views)
+            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry
+                return self._with_fd(key, op)
             raise self._unavailable(exc, "read") from exc
 
     def delete(self, key: str) -> None:
