@@ -48,6 +48,9 @@ class StoreConfig:
     # 4 KiB: a 4 KiB random read fetches 4 KiB + 8 (16 KiB blocks made it read 16 KiB)
     checksum_block: int = 4 * 1024
     durability: str = "fsync"
+    # folder targets write fragments of 128 KiB+ with O_DIRECT (see targets/local.py);
+    # false: through the page cache
+    direct_writes: bool = True
     virtual_shards: int = 64
     engines: list[str] = field(default_factory=list)
     shard_map: list[int] = field(default_factory=list)  # virtual shard -> engine index
@@ -83,6 +86,8 @@ class StoreConfig:
             raise bad("inline_threshold", "must be between 0 and 1 MiB")
         if self.durability not in ("fsync", "none"):
             raise bad("durability", "must be 'fsync' or 'none'")
+        if not isinstance(self.direct_writes, bool):
+            raise bad("direct_writes", "must be true or false")
         if not self.engines:
             raise bad("engines", "must list at least one metadata engine URL")
         if len(self.shard_map) != self.virtual_shards:

@@ -172,7 +172,8 @@ class Volume:
         self.cfg = cfg
         self.home = Path(cfg.home)
         self.meta = MetaStore(cfg.engines, cfg.shard_map, cfg.control, cfg.durability)
-        self.targets = [open_target(t.id, t.url, cfg.durability) for t in cfg.targets]
+        self.targets = [open_target(t.id, t.url, cfg.durability, cfg.direct_writes)
+                        for t in cfg.targets]
         self.chunks = ChunkStore(self.meta, self.targets, cfg.k, cfg.m, cfg.checksum_block,
                                  cfg.io_threads)
         self.pool = ThreadPoolExecutor(max(cfg.write_concurrency, cfg.readahead) * 2,

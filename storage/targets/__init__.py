@@ -11,10 +11,11 @@ from .local import LocalDirTarget
 __all__ = ["Durability", "ObjectInfo", "Target", "TargetHealth", "LocalDirTarget", "open_target"]
 
 
-def open_target(id: str, url: str, durability: Durability | str = Durability.FSYNC) -> Target:
+def open_target(id: str, url: str, durability: Durability | str = Durability.FSYNC,
+                direct_writes: bool = True) -> Target:
     scheme = urlparse(url).scheme
     if scheme == "file":
-        return LocalDirTarget(id, url, Durability(durability))
+        return LocalDirTarget(id, url, Durability(durability), direct_writes)
     if scheme in ("s3", "gs", "az", "memory"):
         try:
             from .objectstore import ObjectStoreTarget

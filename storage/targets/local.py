@@ -4,12 +4,23 @@ Writes go to a temporary file in the destination folder, are optionally fsync'ed
 renamed into place (and the folder fsync'ed), so a crash leaves the old state or the
 new one. Reads use ``pread`` on cached file descriptors so small random reads cost one
 system call.
+
+Fragments of 128 KiB or more are written with ``O_DIRECT`` from a page-aligned buffer
+(copied there: zfec's output and the caller's views are not aligned), the unaligned
+tail, if any, through the page cache. Why: the store writes m/k times the data, and
+filling fresh page-cache pages is the slow part of a buffered write on VMs (every new
+page is a fault in the host; measured here: 138 fragments of 1 MiB with fdatasync from
+24 threads, 380-420 MiB/s of data buffered vs 820-845 direct, on the same disk in the
+same minute). File systems that refuse ``O_DIRECT`` (tmpfs, some FUSE) are detected on
+the first write and get buffered writes from then on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import mmap
 import os
 import shutil
 import threading
@@ -24,6 +35,60 @@ from .base import Buffer, Durability, ObjectInfo, Target, TargetHealth
 
 MARKER = ".lodestore-target"
 _TMP_PREFIX = ".tmp-"
+DIRECT_MIN = 128 * 1024  # smaller fragments: buffered (the copy would not pay)
+_DIRECT_BUF = 1 << 20  # per writer thread, page-aligned (an anonymous mapping)
+_ALIGN = 4096  # O_DIRECT needs aligned offsets and lengths; a page covers every disk
+_O_DIRECT = getattr(os, "O_DIRECT", 0)
+_aligned = threading.local()
+
+
+def _direct_buffer() -> memoryview:
+    buf = getattr(_aligned, "buf", None)
+    if buf is None:
+        buf = _aligned.buf = memoryview(mmap.mmap(-1, _DIRECT_BUF))
+    return buf
+
+
+def _write_views(fd: int, views: list[memoryview]) -> None:
+    """``writev`` until every byte is written (short writes happen on full disks)."""
+    total = sum(len(v) for v in views)
+    written = os.writev(fd, views)
+    while written < total:
+        rest = b"".join(views)[written:]
+        written += os.write(fd, rest)
+
+
+def _write_direct(fd: int, views: list[memoryview]) -> None:
+    """Write ``views`` to the empty file ``fd``: whole pages with O_DIRECT through an
+    aligned buffer, the rest buffered. Raises OSError(EINVAL) before writing anything if
+    the file system refuses O_DIRECT."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
+    buf = _direct_buffer()
+    fill = 0
+    try:
+        for v in views:
+            off, n = 0, len(v)
+            while off < n:
+                take = min(n - off, _DIRECT_BUF - fill)
+                buf[fill:fill + take] = v[off:off + take]
+                fill += take
+                off += take
+                if fill == _DIRECT_BUF:
+                    _write_all(fd, buf)
+                    fill = 0
+        whole = fill - fill % _ALIGN
+        if whole:
+            _write_all(fd, buf[:whole])
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    if fill > whole:
+        _write_all(fd, buf[whole:fill])
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def path_from_url(url: str) -> str:
@@ -97,11 +162,13 @@ class _FdCache:
 
 
 class LocalDirTarget(Target):
-    def __init__(self, id: str, url: str, durability: Durability = Durability.FSYNC) -> None:
+    def __init__(self, id: str, url: str, durability: Durability = Durability.FSYNC,
+                 direct: bool = True) -> None:
         self.id = id
         self.url = url
         self.root = path_from_url(url)
         self.durability = Durability(durability)
+        self.direct = direct and bool(_O_DIRECT)  # False once the file system refuses it
         self._fds = _FdCache()
         self._made_dirs: set[str] = set()
 
@@ -141,12 +208,8 @@ class LocalDirTarget(Target):
                 self._made_dirs.add(folder)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
-                views = [memoryview(p) for p in parts]
-                total = sum(len(v) for v in views)
-                written = os.writev(fd, views)
-                while written < total:  # short write: finish the rest
-                    rest = b"".join(views)[written:]
-                    written += os.write(fd, rest)
+                views = [memoryview(p).cast("B") for p in parts]
+                self._write(fd, views)
                 if self.durability is Durability.FSYNC:
                     os.fdatasync(fd)  # data and size; the rename is made durable below
             finally:
@@ -165,6 +228,20 @@ class LocalDirTarget(Target):
                 os.unlink(tmp)
             raise self._unavailable(exc, "write") from exc
         self._fds.drop(path)
+
+    def _write(self, fd: int, views: list[memoryview]) -> None:
+        if self.direct and sum(len(v) for v in views) >= DIRECT_MIN:
+            try:
+                _write_direct(fd, views)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # refused (tmpfs, FUSE, ...): buffered from now on, this write included
+                self.direct = False
+                os.ftruncate(fd, 0)
+                os.lseek(fd, 0, os.SEEK_SET)
+        _write_views(fd, views)
 
     def sync(self, pending: set[str]) -> None:
         try:
