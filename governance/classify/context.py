@@ -389,6 +389,7 @@ class DocContext:
         self._data: bytes | None = None
         self._zones: dict[tuple[str, ...], list[int] | None] = {}
         self._queries: dict[tuple[str, ...], int] = {}
+        self._expected: dict[tuple[str, ...], int] = {}
         self.lo, self.hi = 0, self.n  # the range whose findings are queried
 
     # -- chunk / block geometry -------------------------------------------------------
@@ -798,13 +799,25 @@ class DocContext:
         return self.s.single_token(chunk) and self._keyword(chunk) is not None
 
     # -- zones of influence -------------------------------------------------------------
+    def expect(self, context: list[str], n: int) -> None:
+        """Announce n more `any_supported` queries for `context` (the caller knows its
+        findings), so the zones decision needs no extrapolation and can be made at the
+        first query. Only a hint: the answers are the same either way."""
+        key = tuple(context)
+        self._expected[key] = self._queries.get(key, 0) + n
+        if key in self._zones and self._zones[key] is None:
+            del self._zones[key]  # decide again, for the queries to come
+
     def _decide(self, key: tuple[str, ...], x: int) -> list[int] | None:
         """Zones for `key` once they look cheaper than walking per query, else None."""
         q = self._queries[key] = self._queries.get(key, 0) + 1
-        if q < _ZONE_MIN_QUERIES:
-            return None
-        expected = q * (self.hi - self.lo) // max(1, x - self.lo)
-        zones = self.zones(list(key), cap=expected // _ZONE_COST)
+        total = self._expected.get(key)
+        if total is None:  # extrapolate from the queries so far (made in text order)
+            if q < _ZONE_MIN_QUERIES:
+                return None
+            total = q * (self.hi - self.lo) // max(1, x - self.lo)
+        cap = max(0, total - q + 1) // _ZONE_COST
+        zones = self.zones(list(key), cap=cap) if cap else None
         self._zones[key] = zones
         return zones
 
