@@ -122,43 +122,119 @@ def _preadv_all(fd: int, views: list[memoryview], start: int) -> int:
     return got
 
 
-class _FdCache:
-    """A small LRU of read-only descriptors; fragments are immutable once renamed in."""
+def _fd_budget() -> int:
+    """Descriptors the fragment cache may hold: half the process's soft limit, at most
+    16,384. Why a budget and not a fixed size per target: a random read that misses the
+    cache pays an open and a close (~25 us here, 5x the whole cached read), so the cache
+    should cover every fragment of a working set, yet six targets x a fixed size could
+    exceed a default soft limit of 1,024 and fail reads with EMFILE."""
+    try:
+        import resource
 
-    def __init__(self, size: int = 256) -> None:
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            soft = 65536
+    except (ImportError, OSError, ValueError):  # pragma: no cover - non-POSIX
+        soft = 1024
+    return max(32, min(16384, soft // 2))
+
+
+class _Fd:
+    __slots__ = ("fd", "pins", "gone")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.pins = 1  # the opener's
+        self.gone = False  # evicted or dropped: closed by the last unpin
+
+
+class _FdCache:
+    """An LRU of read-only descriptors shared by every folder target of the process
+    (fragments are immutable once renamed in). A descriptor is pinned while a read uses
+    it and closed only when evicted and unpinned, so a read never sees its descriptor
+    closed, or its number reused for another file, under it."""
+
+    def __init__(self, size: int) -> None:
         self.size = size
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str, _Fd] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: str) -> int:
+    def __len__(self) -> int:
+        return len(self._fds)
+
+    def acquire(self, path: str) -> _Fd:
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is not None:
+            e = self._fds.get(path)
+            if e is not None:
                 self._fds.move_to_end(path)
-                return fd
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                e.pins += 1
+                return e
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno != errno.EMFILE:
+                raise
+            self._shrink()  # the process is short of descriptors: give half of ours back
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         with self._lock:
-            old = self._fds.get(path)
-            if old is not None:
-                os.close(fd)
-                return old
-            self._fds[path] = fd
-            while len(self._fds) > self.size:
-                _, victim = self._fds.popitem(last=False)
-                os.close(victim)
-        return fd
+            e = self._fds.get(path)
+            if e is not None:  # another reader opened it meanwhile: use that one
+                self._fds.move_to_end(path)
+                e.pins += 1
+                mine = fd
+            else:
+                e = self._fds[path] = _Fd(fd)
+                mine = -1
+            victims = self._evict()
+        if mine >= 0:
+            os.close(mine)
+        for v in victims:
+            os.close(v)
+        return e
+
+    def release(self, e: _Fd) -> None:
+        with self._lock:
+            e.pins -= 1
+            close = e.gone and e.pins == 0
+        if close:
+            os.close(e.fd)
+
+    def _evict(self) -> list[int]:
+        """Under the lock: retire the least recently used beyond the size; returns the
+        descriptors nobody holds, to close outside the lock."""
+        out = []
+        while len(self._fds) > self.size:
+            _, v = self._fds.popitem(last=False)
+            v.gone = True
+            if v.pins == 0:
+                out.append(v.fd)
+        return out
+
+    def _shrink(self) -> None:
+        with self._lock:
+            self.size = max(16, len(self._fds) // 2)
+            victims = self._evict()
+        for v in victims:
+            os.close(v)
 
     def drop(self, path: str) -> None:
+        self.drop_where(lambda p: p == path, path)
+
+    def drop_where(self, match: Callable[[str], bool], only: str | None = None) -> None:
         with self._lock:
-            fd = self._fds.pop(path, None)
-        if fd is not None:
+            keys = [only] if only is not None else [p for p in self._fds if match(p)]
+            victims = []
+            for p in keys:
+                v = self._fds.pop(p, None)
+                if v is not None:
+                    v.gone = True
+                    if v.pins == 0:
+                        victims.append(v.fd)
+        for fd in victims:
             os.close(fd)
 
-    def clear(self) -> None:
-        with self._lock:
-            fds, self._fds = list(self._fds.values()), OrderedDict()
-        for fd in fds:
-            os.close(fd)
+
+_FDS = _FdCache(_fd_budget())
 
 
 class LocalDirTarget(Target):
@@ -166,16 +242,16 @@ class LocalDirTarget(Target):
                  direct: bool = True) -> None:
         self.id = id
         self.url = url
-        self.root = path_from_url(url)
+        self.root = os.path.normpath(path_from_url(url))
         self.durability = Durability(durability)
         self.direct = direct and bool(_O_DIRECT)  # False once the file system refuses it
-        self._fds = _FdCache()
+        self._fds = _FDS
         self._made_dirs: set[str] = set()
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
             raise ValueError(f"bad fragment key {key!r}")
-        return os.path.join(self.root, key)
+        return f"{self.root}/{key}"  # the fd cache's spelling too
 
     def _missing(self, key: str) -> NotFound | TargetUnavailable:
         """A fragment is absent: lost (NotFound), or the whole folder is gone (an unmounted
@@ -270,14 +346,18 @@ class LocalDirTarget(Target):
         """``op`` on the fragment's cached read descriptor, with errors as target errors."""
         path = f"{self.root}/{key}"  # keys come from the chunk layer; put() validates them
         try:
-            return op(self._fds.get(path))
+            e = self._fds.acquire(path)
         except FileNotFoundError as exc:
             raise self._missing(key) from exc
         except OSError as exc:
+            raise self._unavailable(exc, "open") from exc
+        try:
+            return op(e.fd)
+        except OSError as exc:
             self._fds.drop(path)
-            if exc.errno == errno.EBADF:  # raced with an LRU eviction: retry
-                return self._with_fd(key, op)
             raise self._unavailable(exc, "read") from exc
+        finally:
+            self._fds.release(e)
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -357,4 +437,5 @@ class LocalDirTarget(Target):
         self._made_dirs.clear()
 
     def close(self) -> None:
-        self._fds.clear()
+        prefix = self.root + "/"
+        self._fds.drop_where(lambda p: p.startswith(prefix))

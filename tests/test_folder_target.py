@@ -1,9 +1,13 @@
-"""Fragments written with O_DIRECT (folder targets, ``direct_writes``).
+"""The folder target's write and read machinery.
 
-Big fragments go through a page-aligned buffer with O_DIRECT and their unaligned tail
-through the page cache; small ones are written buffered. Every byte must land where a
-buffered write puts it, whatever the part boundaries, sizes and alignment, and a file
+Writes: big fragments go through a page-aligned buffer with O_DIRECT and their unaligned
+tail through the page cache; small ones are written buffered. Every byte must land where
+a buffered write puts it, whatever the part boundaries, sizes and alignment, and a file
 system that refuses O_DIRECT must get a correct buffered write instead.
+
+Reads: descriptors come from one process-wide cache sized from the descriptor limit; a
+descriptor in use is never closed (or its number reused) under its reader, and running
+short of descriptors shrinks the cache instead of failing reads.
 """
 
 from __future__ import annotations
@@ -145,3 +149,92 @@ def test_direct_writes_setting_round_trips_and_is_validated(tmp_path):
     bad = StoreConfig.embedded(tmp_path / "b", direct_writes="yes")
     with pytest.raises(ConfigError, match="direct_writes must be true or false"):
         bad.validate()
+
+
+# -- the shared descriptor cache --------------------------------------------------------
+
+def _fragments(target, n: int) -> dict[str, bytes]:
+    out = {}
+    for i in range(n):
+        key = f"acme/{i % 7:02x}/frag{i}.0"
+        out[key] = bytes([i % 251]) * 3000 + i.to_bytes(4, "little")
+        target.put(key, [out[key]])
+    return out
+
+
+def test_evicted_descriptor_stays_open_while_pinned():
+    import tempfile
+
+    cache = local._FdCache(2)
+    with tempfile.TemporaryDirectory() as d:
+        paths = []
+        for i in range(3):
+            paths.append(os.path.join(d, f"f{i}"))
+            with open(paths[-1], "wb") as f:
+                f.write(bytes([i]) * 10)
+        a = cache.acquire(paths[0])  # pinned
+        for p in paths[1:]:
+            cache.release(cache.acquire(p))  # evicts paths[0] from the cache
+        assert len(cache) == 2 and a.gone
+        assert os.pread(a.fd, 10, 0) == bytes([0]) * 10  # still open: not closed under us
+        cache.release(a)
+        with pytest.raises(OSError):
+            os.fstat(a.fd)  # the last unpin closed it
+        cache.drop_where(lambda p: True)
+        assert len(cache) == 0
+
+
+def test_concurrent_reads_through_a_tiny_cache_return_the_right_bytes(target, monkeypatch):
+    """Readers racing with evictions: a descriptor closed and its number reused by
+    another fragment would hand one reader another fragment's bytes."""
+    import threading
+
+    frags = _fragments(target, 40)
+    monkeypatch.setattr(local._FDS, "size", 3)
+    keys = list(frags)
+    errors: list[str] = []
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(1500):
+            key = rng.choice(keys)
+            got = target.get_range(key, 2990, 14)
+            if got != frags[key][2990:3004]:
+                errors.append(key)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(local._FDS) <= 3
+
+
+def test_running_short_of_descriptors_shrinks_the_cache_instead_of_failing(tmp_path):
+    """A process whose descriptor limit is lowered below the cache's budget after start:
+    opens that fail with EMFILE give half the cache back and the read goes on."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import os, resource, sys
+        sys.path.insert(0, {str(os.path.dirname(os.path.dirname(__file__)))!r})
+        from storage.targets import local
+        t = local.LocalDirTarget("t0", {(tmp_path / "t0").as_uri()!r})
+        t.ensure()
+        keys = []
+        for i in range(300):
+            keys.append(f"acme/{{i % 5:02x}}/f{{i}}.0")
+            t.put(keys[-1], [i.to_bytes(4, "little") * 50])
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        for rnd in range(2):
+            for i, k in enumerate(keys):
+                assert t.get_range(k, 0, 4) == i.to_bytes(4, "little"), k
+        print("ok", local._FDS.size < 128)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "True"]
