@@ -238,3 +238,35 @@ def test_running_short_of_descriptors_shrinks_the_cache_instead_of_failing(tmp_p
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ok", "True"]
+
+
+def test_closing_one_of_two_targets_on_a_folder_keeps_the_others_descriptors(tmp_path):
+    a = LocalDirTarget("t0", (tmp_path / "t0").as_uri())
+    a.ensure()
+    b = LocalDirTarget("t0", (tmp_path / "t0").as_uri())
+    frags = _fragments(a, 5)
+    for key in frags:
+        assert b.get_range(key, 0, 3) == frags[key][:3]
+    prefix = f"{b.root}/"
+    held = sum(1 for p in list(local._FDS._fds) if p.startswith(prefix))
+    assert held == 5
+    a.close()
+    a.close()  # idempotent: does not count twice
+    assert sum(1 for p in list(local._FDS._fds) if p.startswith(prefix)) == 5
+    b.close()
+    assert sum(1 for p in list(local._FDS._fds) if p.startswith(prefix)) == 0
+
+
+def test_a_target_collected_unclosed_releases_its_folder(tmp_path):
+    import gc
+
+    t = LocalDirTarget("t0", (tmp_path / "t0").as_uri())
+    t.ensure()
+    frags = _fragments(t, 3)
+    for key in frags:
+        t.get_range(key, 0, 1)
+    prefix = f"{t.root}/"
+    assert sum(1 for p in list(local._FDS._fds) if p.startswith(prefix)) == 3
+    del t
+    gc.collect()
+    assert sum(1 for p in list(local._FDS._fds) if p.startswith(prefix)) == 0

@@ -24,6 +24,7 @@ import mmap
 import os
 import shutil
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
@@ -235,6 +236,22 @@ class _FdCache:
 
 
 _FDS = _FdCache(_fd_budget())
+# open targets per folder: the cache entries of a folder are shared by every target
+# open on it (a store opened twice in one process), so the last one to close drops them
+_OPEN_ROOTS: dict[str, int] = {}
+_ROOTS_LOCK = threading.Lock()
+
+
+def _release_root(root: str) -> None:
+    """A target on ``root`` closed (or was collected unclosed): the last one drops the
+    folder's descriptors, so files deleted later don't stay allocated behind them."""
+    with _ROOTS_LOCK:
+        left = _OPEN_ROOTS[root] = _OPEN_ROOTS[root] - 1
+        if left == 0:
+            del _OPEN_ROOTS[root]
+    if left == 0:
+        prefix = root + "/"
+        _FDS.drop_where(lambda p: p.startswith(prefix))
 
 
 class LocalDirTarget(Target):
@@ -247,6 +264,9 @@ class LocalDirTarget(Target):
         self.direct = direct and bool(_O_DIRECT)  # False once the file system refuses it
         self._fds = _FDS
         self._made_dirs: set[str] = set()
+        with _ROOTS_LOCK:
+            _OPEN_ROOTS[self.root] = _OPEN_ROOTS.get(self.root, 0) + 1
+        self._release = weakref.finalize(self, _release_root, self.root)
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
@@ -437,5 +457,4 @@ class LocalDirTarget(Target):
         self._made_dirs.clear()
 
     def close(self) -> None:
-        prefix = self.root + "/"
-        self._fds.drop_where(lambda p: p.startswith(prefix))
+        self._release()  # once; later calls do nothing
