@@ -197,6 +197,84 @@ def test_word_and_mark_agree_with_spacy(clf):
     assert checked > 10000
 
 
+def test_word_and_mark_agree_with_spacy_for_pair_words_and_stop_words(clf):
+    """Words on one side of a special-case pair ("when" of "when's", "and" of "and/or",
+    "or") and every stop word, each with every mark: exhaustively against spaCy."""
+    scorer = clf._engine.context
+    words = {t for t in scorer._pair_tokens if t.isascii() and t.isalnum()}
+    for w in clf._engine.context._nlp.Defaults.stop_words:
+        if w.isascii() and w.isalpha():
+            words |= {w, w.title(), w.upper()}
+    assert {"when", "and", "or", "it", "that", "cause", "em"} <= words
+    checked = 0
+    for w in sorted(words):
+        for mark in ",;!?.:":
+            for ws in ("", " ", "  ", "\n\n", " \n", "\t"):
+                block = w + mark + ws
+                fast = scorer._word_punct(block)
+                if fast is not None:
+                    checked += 1
+                    assert fast == tuple((t.idx, t.text) for t in scorer.tokenizer(block)), block
+                    if ":" in block:
+                        assert scorer.chunk_pieces(w + mark) == frozenset(
+                            p
+                            for t in scorer.tokenizer(w + mark)
+                            if ":" in t.text and not scorer.filtered(t.text)
+                            for p in t.text.lower().split(":")
+                        )
+    assert checked > 5000
+
+
+def test_plain_unit_keys_agree_with_spacy(clf):
+    """unit_keys (tokenize's plain-word and word-and-mark shortcuts, then status)
+    against spaCy's tokens and the scorer's keyword status of each."""
+    scorer = clf._engine.context
+    rng = random.Random(8)
+    words = [*corpus.WORDS, *STOPS, *CONTEXT_WORDS, "be", "Be", "BE", "id", "Id", "cannot"]
+    words += [w for w in scorer._nlp.Defaults.stop_words]
+    words += [k for k in scorer._rules if k.isascii() and k.isalnum()]
+    words = [v for w in words for v in (w, w.title(), w.upper())]
+    words += [str(rng.randrange(10 ** rng.randint(1, 12))) for _ in range(200)]
+    alnum = string.ascii_letters + string.digits
+    words += ["".join(rng.choice(alnum) for _ in range(rng.randint(1, 9))) for _ in range(800)]
+    checked = 0
+    for w in words:
+        for unit in (w, w + " "):
+            scorer._unit_keys.pop(unit, None)
+            got = scorer.unit_keys(unit)
+            want = tuple(scorer.status(t.text) for t in scorer.tokenizer(unit) if t.text.strip())
+            assert got == want, unit
+            checked += scorer.single_token(w)
+    assert checked > 3000
+
+
+COLON_TEXTS = [
+    "when: it:s WHEN:x x:When :it: a:b:c http://it:80/so e4:72:a8 12:30 us: :US",
+    "name: status: format: Data: Id: me:\n\nIT: so: Or: and:/ and/or: Let's: D: :D",
+    "\u212a:it x:\u0130t it\u0307: \u03a3:it \u0131t: it:\u017f ſo: \u00a0so: so:\u00a0",
+    "passport#: lic#: ssn#: uuid: 0fa53e53-c028 date: 1974-09-22T01:13:11Z ip: ::1",
+    'he said: "so:" (it: ) [or:] {and:} it.: it,: so;: -pron-: :-PRON- be: BE:',
+    "no colon anywhere here, just words like it and so and the",
+    "10:so so:10 the:9 THE:9 So:1 \u212a:9 9:\u212a x:the the:x it:9 9:us",
+]
+
+
+@pytest.mark.parametrize("text", COLON_TEXTS + TEXTS[:20])
+def test_colon_piece_shortcuts_agree_with_collecting_the_pieces(clf, text):
+    """`skipping` and `is_piece` answer without tokenizing around colons where no
+    candidate word touches one; the answers equal those from all ':'-pieces."""
+    scorer = clf._engine.context
+    pieces = scorer.doc(text).colon_pieces()
+    fast = scorer.doc(text)
+    assert fast.skipping == (not (scorer.skip_words & pieces))
+    queries = {t.lower() for t in STOPS if scorer.filtered(t)}
+    queries |= {w for w in scorer._nlp.Defaults.stop_words}
+    queries |= {ch for ch in text if scorer.filtered(ch)} | {"be", '"', ",", ".", "-"}
+    queries.discard("-pron-")
+    for q in sorted(queries):
+        assert fast.is_piece(q) == (q in pieces), q
+
+
 def test_remove_duplicates_matches_presidio():
     rng = random.Random(7)
     for _ in range(5000):

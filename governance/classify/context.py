@@ -66,6 +66,7 @@ _PLAIN_WORD = regex.compile(r"(?:[A-Za-z]+|[A-Za-z0-9]*[0-9]) ?")
 _WORD_PUNCT = regex.compile(rf"([A-Za-z]+|[0-9]+)([,;!?.:])({_WS_CLASS}*)")
 
 _KEY, _NO, _QUERY = 0, 1, 2
+SMALL_DOC = 1 << 16  # characters: texts up to this size take the colon shortcuts
 _CACHE_LIMIT = 200_000
 # Zones of influence replace per-finding walks for a recognizer once it has had
 # _ZONE_MIN_QUERIES queries in a document, if its context words occur at most
@@ -98,6 +99,11 @@ def supported(words: Iterable[str], context: list[str]) -> bool:
 
 
 @lru_cache(maxsize=1024)
+def _lower_all(context: tuple[str, ...]) -> frozenset[str]:
+    return frozenset(c.lower() for c in context)
+
+
+@lru_cache(maxsize=1024)
 def _lowered(context: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(c.lower() for c in context if "\x00" not in c.lower())
 
@@ -107,7 +113,6 @@ class ContextScorer:
 
     def __init__(self, nlp: Language, context_words: list[str] | None = None) -> None:
         self._nlp = nlp
-        self.scanner = LiteralScanner(context_words) if context_words else None
         self._positions: dict[tuple[str, ...], LiteralScanner | None] = {}
         self._covered: dict[tuple[str, ...], bool] = {}
         self.tokenizer: Tokenizer = self._lite(nlp.tokenizer)
@@ -129,8 +134,18 @@ class ContextScorer:
                     self._pair_index.setdefault((a[-1], b[0]), []).append((a, b))
         self._rules = set(rules)
         self._pair_tokens = {t for ps in self._pairs.values() for a, b in ps for t in (a, b)}
+        self._adjacent = {(a, b) for ps in self._pairs.values() for a, b in ps}
         self.skip_words, self.skip_units = self._skippable()
         self._word_punct_ok = self._check_word_punct()
+        self.scanner = LiteralScanner(context_words) if context_words else None
+        # For small documents the document-wide scan also looks for skippable stop
+        # words next to a colon ("when:", ":it"): where none occurs, no token piece can
+        # be one (see DocContext.skipping), which spares tokenizing the chunks around
+        # colons. Big documents keep the plain scan (more literals cost more there).
+        self.colon_words = frozenset(x for w in self.skip_words for x in (w + ":", ":" + w))
+        self.small_scanner = (
+            LiteralScanner([*context_words, *sorted(self.colon_words)]) if context_words else None
+        )
 
     @staticmethod
     def _lite(tok: Tokenizer) -> Tokenizer:
@@ -295,7 +310,10 @@ class ContextScorer:
         spaCy splits that mark off as a suffix (the period only after a lowercase
         letter or a digit: "A." stays whole) and keeps the word, unless a special case
         covers the word, the word with its mark ("Mr.", "D:"), or the pair; then
-        trailing whitespace is one token, less a first space. Checked at start-up and
+        trailing whitespace is one token, less a first space. A word that is one side
+        of a special-case pair ("when" of "when's", "and" of "and/or") is safe with
+        any mark that is not its partner in such a pair: the phrase matcher can only
+        join a block's tokens where the pair itself is adjacent. Checked at start-up and
         by the tests.
         """
         m = _WORD_PUNCT.fullmatch(block) if self._word_punct_ok else None
@@ -304,7 +322,7 @@ class ContextScorer:
         word, mark, ws = m.groups()
         if (
             word in self._plain_specials
-            or word in self._pair_tokens
+            or (word, mark) in self._adjacent
             or word + mark in self._rules
             or (mark == "." and not ("a" <= word[-1] <= "z" or word[-1].isdigit()))
             or (word[0].isdigit() and not self._alnum_plain)
@@ -323,7 +341,7 @@ class ContextScorer:
         self._word_punct_ok = True
         samples = [
             w + m + ws
-            for w in ("our", "Our", "OUR", "know", "x", "Judy", "7", "2024")
+            for w in ("our", "Our", "OUR", "know", "x", "Judy", "7", "2024", "when", "and", "It")
             for m in ",;!?.:"
             for ws in ("", " ", "\n\n", "  ", " \n", "\t", "\n \n")
         ]
@@ -391,6 +409,8 @@ class DocContext:
         self._queries: dict[tuple[str, ...], int] = {}
         self._expected: dict[tuple[str, ...], int] = {}
         self.lo, self.hi = 0, self.n  # the range whose findings are queried
+        # colon shortcuts (see `skipping`, `is_piece`) search the whole text: small ones
+        self.small = self.n <= SMALL_DOC and scorer.small_scanner is not None
 
     # -- chunk / block geometry -------------------------------------------------------
     def _unit_start(self, p: int) -> int:
@@ -485,6 +505,12 @@ class DocContext:
         if hit is None:
             if piece == "-pron-":  # also the whole of a token such as "-pron-"
                 hit = "-pron-" in self.low and piece in self._everything()
+            elif (
+                self.small
+                and self._colon_pieces is None
+                and not (piece + ":" in self.low or ":" + piece in self.low)
+            ):
+                hit = False  # a piece is next to a ':' (see `skipping`)
             else:
                 hit = piece in self.colon_pieces()
             self._pieces[piece] = hit
@@ -538,7 +564,13 @@ class DocContext:
         of their words is a ':'-piece of some token in this document (then it is a
         keyword wherever it occurs)."""
         if self._skipping is None:
-            self._skipping = not (self.s.skip_words & self.colon_pieces())
+            if self.small and self.found().isdisjoint(self.s.colon_words):
+                # A piece is next to a ':' in its token, and a token's lowercase is
+                # the text's there (lowercasing is per character but for Σ, which no
+                # stop word holds): no "w:" or ":w" in the text, no piece w.
+                self._skipping = True
+            else:
+                self._skipping = not (self.s.skip_words & self.colon_pieces())
         return self._skipping
 
     def _keyword(self, tok: str) -> str | None:
@@ -730,6 +762,14 @@ class DocContext:
             self._data = to_scan_bytes(self.text)[0]
         return self._data
 
+    def found(self) -> set[str]:
+        """The scanner words occurring in the text (a superset), scanned once; with
+        the colon words (ContextScorer.colon_words) in small documents."""
+        if self._found is None:
+            scanner = self.s.small_scanner if self.small else self.s.scanner
+            self._found = scanner.found(self.scan_bytes) if scanner is not None else set()
+        return self._found
+
     def present(self, context: list[str]) -> bool:
         """Does any context word occur anywhere in the text? (Collected words are
         pieces of the text, so otherwise no boost is possible.)"""
@@ -738,9 +778,7 @@ class DocContext:
         if hit is None:
             scanner = self.s.scanner
             if scanner is not None and self.s.covered(key):
-                if self._found is None:
-                    self._found = scanner.found(self.scan_bytes)
-                hit = any(c.lower() in self._found for c in context)
+                hit = not self.found().isdisjoint(_lower_all(key))
             else:
                 low = self.low if len(self.low) == self.n else self.text.lower()
                 hit = any(c.lower() in low for c in context)

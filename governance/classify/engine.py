@@ -157,6 +157,9 @@ class Engine:
         warm_up()  # build lazily loaded tables now, not on a write
         self._warm_ibans()
         self._phone_idx = [i for i, k in enumerate(self.kinds) if k == "phone"]
+        self._phone_contexts = [
+            c for i in self._phone_idx for c in (self.recognizers[i].context or [])
+        ]
         self._other_idx = [i for i, k in enumerate(self.kinds) if k == "other"]
         if self._phone_idx:
             stretch, self._phone_fwd, self._phone_rev = self._phone_separators()
@@ -457,7 +460,7 @@ class Engine:
         out: list[RawResult] = []
         n = len(text)
         lazy = phone_min > PhoneRecognizer.SCORE
-        contexts = [c for i in self._phone_idx for c in (self.recognizers[i].context or [])]
+        contexts = self._phone_contexts
         if lazy and (
             doc is None
             or not contexts
