@@ -9,6 +9,7 @@ down; the registry records where each share went, so repair can move a share els
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -95,6 +96,11 @@ class ChunkStore:
         # content-addressed and immutable, so a cached table never goes stale
         self._tables = _LRU(8192)
         self._down: dict[str, float] = {}
+        # Encoding runs at most one chunk per core at a time. Why: a multi-chunk write
+        # starts many chunks at once; encoding them all together makes every one finish
+        # late and leaves the disks idle meanwhile, while one per core hands the first
+        # chunks to the disks after one encode and keeps writes and encodes overlapped.
+        self._cpu = threading.Semaphore(max(1, os.cpu_count() or 1))
 
     def close(self) -> None:
         self.io.shutdown(wait=True)
@@ -147,17 +153,18 @@ class ChunkStore:
             else:
                 self.meta.chunk_touch(tenant, cid)
             return bytes.fromhex(cid), len(data)
-        shares = erasure.encode(data, self.k, self.m)
-        slen = len(shares[0])
-        frags = [
-            fragment.encode_parts(
-                fragment.FragmentHeader(self.k, self.m, i, self.block_size, len(data), slen,
-                                        bytes.fromhex(cid), self.layout),
-                shares[i],
-            )
-            for i in range(self.m)
-        ]
-        del shares
+        with self._cpu:
+            shares = erasure.encode(data, self.k, self.m)
+            slen = len(shares[0])
+            frags = [
+                fragment.encode_parts(
+                    fragment.FragmentHeader(self.k, self.m, i, self.block_size, len(data),
+                                            slen, bytes.fromhex(cid), self.layout),
+                    shares[i],
+                )
+                for i in range(self.m)
+            ]
+            del shares
         placement = self._place(tenant, cid, frags, batch)
         now = time.time()
         rec = ChunkRecord(tenant, cid, len(data), self.k, self.m, slen, self.block_size,
