@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import mmap
 import os
 import shutil
@@ -39,7 +38,12 @@ _TMP_PREFIX = ".tmp-"
 DIRECT_MIN = 128 * 1024  # smaller fragments: buffered (the copy would not pay)
 _DIRECT_BUF = 1 << 20  # per writer thread, page-aligned (an anonymous mapping)
 _ALIGN = 4096  # O_DIRECT needs aligned offsets and lengths; a page covers every disk
-_O_DIRECT = getattr(os, "O_DIRECT", 0)
+try:
+    import fcntl
+
+    _O_DIRECT = getattr(os, "O_DIRECT", 0)  # Linux, FreeBSD; 0 elsewhere: buffered writes
+except ImportError:  # pragma: no cover - Windows
+    _O_DIRECT = 0
 _aligned = threading.local()
 
 
