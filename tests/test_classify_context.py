@@ -101,6 +101,26 @@ def test_zones_and_shortcuts_agree_with_the_walk(clf, i):
             assert walked.any_supported(s, s + 1, ctx) == want, (ctx, s)
 
 
+@pytest.mark.parametrize("i", range(0, len(TEXTS), 3))
+def test_range_queries_never_miss_a_supported_start(clf, i):
+    """any_supported over a range of starts (the phone path asks so, to skip ranges no
+    boost can reach) answers yes whenever some start in the range gets a boost,
+    whichever shortcut answers it (it may say yes more often: a superset is safe)."""
+    text = TEXTS[i]
+    scorer = clf._engine.context
+    rng = random.Random(i)
+    for ctx in _contexts(clf):
+        ref, walked = scorer.doc(text), scorer.doc(text)
+        walked._zones[tuple(ctx)] = None
+        for _ in range(60):
+            x = rng.randrange(len(text))
+            y = min(len(text), x + rng.randint(1, 40))
+            want = any(supported(ref.words(s), ctx) for s in range(x, y)
+                       if not text[s].isspace())
+            if want:
+                assert walked.any_supported(x, y, ctx), (ctx, x, y)
+
+
 @pytest.fixture(scope="module")
 def stock():
     return reference_engine()

@@ -793,7 +793,8 @@ class DocContext:
         return hit
 
     def any_supported(self, x: int, y: int, context: list[str]) -> bool:
-        """Exactly: does some finding starting in [x, y) get a context boost?
+        """Does some finding starting in [x, y) get a context boost? Exact for one
+        start (y == x + 1); for a range, never no when some start gets one.
 
         Where the context words occur sparsely, answered from their zones of influence
         (`zones`). Otherwise: when no context word occurs in the text of the blocks
