@@ -304,7 +304,9 @@ def plan(pattern: str, flags: int, loosen: int = 0) -> PatternPlan:
         if pmin == 0:
             raise Unsupported("prefilter would match the empty string")
     if loosen:
-        prefix = _loosen(prefix, loosen)
+        # trimmed again: loosening turns a trailing alternation (a TLD list, say) into a
+        # variable repeat, whose every length hyperscan would report
+        prefix = _trim(_loosen(prefix, loosen))
         pmin, pmax = _width(prefix)
     guard = info["guard"]
     return PatternPlan(
