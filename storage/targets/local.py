@@ -11,8 +11,8 @@ tail, if any, through the page cache. Why: the store writes m/k times the data, 
 filling fresh page-cache pages is the slow part of a buffered write on VMs (every new
 page is a fault in the host; measured here: 138 fragments of 1 MiB with fdatasync from
 24 threads, 380-420 MiB/s of data buffered vs 820-845 direct, on the same disk in the
-same minute). File systems that refuse ``O_DIRECT`` (tmpfs, some FUSE) are detected on
-the first write and get buffered writes from then on.
+same minute). File systems that refuse ``O_DIRECT`` (tmpfs before Linux 6.6, some FUSE)
+are detected on the first write and get buffered writes from then on.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import TypeVar
 from urllib.parse import unquote, urlparse
 
 from ..errors import ConfigError, NotFound, TargetUnavailable
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, write_all
 from .base import Buffer, Durability, ObjectInfo, Target, TargetHealth
 
 MARKER = ".lodestore-target"
@@ -80,20 +80,15 @@ def _write_direct(fd: int, views: list[memoryview]) -> None:
                 fill += take
                 off += take
                 if fill == _DIRECT_BUF:
-                    _write_all(fd, buf)
+                    write_all(fd, buf)
                     fill = 0
         whole = fill - fill % _ALIGN
         if whole:
-            _write_all(fd, buf[:whole])
+            write_all(fd, buf[:whole])
     finally:
         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     if fill > whole:
-        _write_all(fd, buf[whole:fill])
-
-
-def _write_all(fd: int, view: memoryview) -> None:
-    while view:
-        view = view[os.write(fd, view):]
+        write_all(fd, buf[whole:fill])
 
 
 def path_from_url(url: str) -> str:
@@ -223,13 +218,18 @@ class _FdCache:
             os.close(v)
 
     def drop(self, path: str) -> None:
-        self.drop_where(lambda p: p == path, path)
+        self._retire([path])
 
-    def drop_where(self, match: Callable[[str], bool], only: str | None = None) -> None:
+    def drop_where(self, match: Callable[[str], bool]) -> None:
         with self._lock:
-            keys = [only] if only is not None else [p for p in self._fds if match(p)]
-            victims = []
-            for p in keys:
+            keys = [p for p in self._fds if match(p)]
+        self._retire(keys)
+
+    def _retire(self, paths: list[str]) -> None:
+        """Forget ``paths``; close the descriptors nobody holds (the rest on release)."""
+        victims = []
+        with self._lock:
+            for p in paths:
                 v = self._fds.pop(p, None)
                 if v is not None:
                     v.gone = True
