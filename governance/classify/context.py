@@ -99,11 +99,6 @@ def supported(words: Iterable[str], context: list[str]) -> bool:
 
 
 @lru_cache(maxsize=1024)
-def _lower_all(context: tuple[str, ...]) -> frozenset[str]:
-    return frozenset(c.lower() for c in context)
-
-
-@lru_cache(maxsize=1024)
 def _lowered(context: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(c.lower() for c in context if "\x00" not in c.lower())
 
@@ -778,7 +773,7 @@ class DocContext:
         if hit is None:
             scanner = self.s.scanner
             if scanner is not None and self.s.covered(key):
-                hit = not self.found().isdisjoint(_lower_all(key))
+                hit = not self.found().isdisjoint(_lowered(key))
             else:
                 low = self.low if len(self.low) == self.n else self.text.lower()
                 hit = any(c.lower() in low for c in context)
