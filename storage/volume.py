@@ -24,7 +24,7 @@ from typing import IO, Any
 from . import paths
 from .buffers import Fresh
 from .chunks import ChunkStore, WriteBatch
-from .config import StoreConfig, default_home
+from .config import MiB, StoreConfig, default_home
 from .errors import (
     AlreadyExists,
     ConcurrentChange,
@@ -391,7 +391,8 @@ class Volume:
 
     # -- writes ------------------------------------------------------------------------
 
-    def _store_stream(self, tenant: str, data: DataSource) -> tuple[list[tuple[bytes, int]], int]:
+    def _store_stream(self, tenant: str, data: DataSource, chunk_size: int | None = None
+                      ) -> tuple[list[tuple[bytes, int]], int]:
         """Store all chunks of ``data`` with bounded parallelism; nothing is committed."""
         refs: list[tuple[bytes, int]] = []
         inflight: list[Future] = []
@@ -399,7 +400,7 @@ class Volume:
         size = 0
         limit = self.cfg.write_concurrency
         try:
-            for piece in _Chunker(data, self.cfg.chunk_size):
+            for piece in _Chunker(data, chunk_size or self.cfg.chunk_size):
                 size += len(piece)
                 inflight.append(self.pool.submit(self.chunks.store, tenant, piece, batch))
                 if len(inflight) >= limit:
@@ -449,6 +450,7 @@ class Volume:
         parents: bool = True,
         attrs: dict[str, Any] | Callable[[], dict[str, Any] | None] | None = None,
         merge_attrs: Callable[[dict[str, Any] | None, int], dict[str, Any] | None] | None = None,
+        chunk_size: int | None = None,
     ) -> FileInfo:
         """Create, overwrite or append ``path``.
 
@@ -460,10 +462,17 @@ class Volume:
         For appends, ``merge_attrs(old_attrs, old_size)`` computes them from the version
         being appended to, inside the compare-and-swap loop, so concurrent appends
         cannot lose each other's attributes.
+        ``chunk_size`` overrides the store's for this (non-append) write: a caller that
+        writes whole objects read back by range (the token warehouse's packs) stores one
+        object as one chunk, with m fragment files instead of m per 4 MiB.
         """
         self._tenant(tenant)
         if mode not in ("overwrite", "create", "append"):
             raise InvalidArgument("mode must be 'overwrite', 'create' or 'append'")
+        if chunk_size is not None and not (4096 <= chunk_size <= 256 * MiB):
+            raise InvalidArgument(f"chunk_size must be between 4 KiB and 256 MiB, not {chunk_size}")
+        if chunk_size is not None and mode == "append":
+            raise InvalidArgument("chunk_size cannot be set for appends (they follow the file's)")
         if expected_version is not None and expected_version < 0:
             raise InvalidArgument("expected_version must be >= 0")
         parts = paths.split_path(path)
@@ -486,7 +495,7 @@ class Volume:
             refs_blob = None
             size = len(inline)
         else:
-            refs, size = self._store_stream(tenant, source)
+            refs, size = self._store_stream(tenant, source, chunk_size)
             blob, refs_blob = None, pack_refs(refs)
         if callable(attrs):
             late = attrs()

@@ -953,3 +953,22 @@ def test_control_character_check_is_exactly_unicode_category_cc():
     for c in range(0x110000):
         ch = chr(c)
         assert (_CONTROL.match(ch) is not None) == (unicodedata.category(ch) == "Cc"), hex(c)
+
+
+def test_per_write_chunk_size(vol: Volume):
+    data = blob(5 * CHUNK + 123, seed=9)
+    big = vol.write("acme", "/whole.bin", data, chunk_size=8 * CHUNK)
+    assert big.chunks == 1  # the whole object in one chunk, not six
+    assert vol.read("acme", "/whole.bin") == data
+    assert vol.read("acme", "/whole.bin", 3 * CHUNK - 5, CHUNK) == data[3 * CHUNK - 5:4 * CHUNK - 5]
+    cut = vol.write("acme", "/cut.bin", data, chunk_size=2 * CHUNK)
+    assert cut.chunks == 3 and vol.read("acme", "/cut.bin") == data
+    # appends then follow the store's chunk size; the file reads back whole
+    vol.write("acme", "/whole.bin", b"tail" * 300, mode="append")
+    assert vol.read("acme", "/whole.bin") == data + b"tail" * 300
+    for bad in (100, 4095, 257 * 1024 * KiB):
+        with pytest.raises(InvalidArgument, match="chunk_size must be between"):
+            vol.write("acme", "/bad.bin", data, chunk_size=bad)
+    with pytest.raises(InvalidArgument, match="appends"):
+        vol.write("acme", "/whole.bin", data, mode="append", chunk_size=8 * CHUNK)
+    assert not vol.exists("acme", "/bad.bin")

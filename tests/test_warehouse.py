@@ -206,10 +206,11 @@ def test_round_trip_lookup_and_chunk_store_reads(wh: TokenWarehouse, vol: Volume
     assert wh.lookup("acme", MODEL, toks[:2 * BS] + [1, 2, 3, 4] + toks[3 * BS:]) == 2 * BS
     assert wh.lookup("acme", MODEL, [1] + toks[1:]) == 0
     assert wh.lookup("acme", MODEL, toks, BS) == 5 * BS
-    # the files: one pack per put under the reserved root, chunked and erasure-coded
+    # the files: one pack per put under the reserved root, stored as one erasure-coded
+    # chunk (m fragment files, however small the store's own chunk size: 64 KiB here)
     packs = pack_files(vol, "acme")
     assert len(packs) == 1
-    assert packs[0].size == 5 * BLOCK and packs[0].chunks == -(-5 * BLOCK // 65536)
+    assert packs[0].size == 5 * BLOCK and packs[0].chunks == 1
     assert packs[0].attrs["kind"] == "kv_pack"
     assert not vol.exists("acme", f"{KV_ROOT}/{model_dir(MODEL)}/b")
     assert [b.position for b in wh.list_blocks("acme", MODEL)[0] if b.hash == hs[0]] == [0]
@@ -294,7 +295,7 @@ def test_dedup_within_tenant_not_across(wh: TokenWarehouse, vol: Volume) -> None
     base = chunk_count(vol, "acme")
     wh.put_blocks("acme", "model-a", tokens(3 * BS), data, BS)
     one = chunk_count(vol, "acme") - base
-    assert one == 4  # one pack of three blocks: 240,000 bytes in four 64 KiB chunks
+    assert one == 1  # one pack of three blocks (240,000 bytes), stored as one chunk
     # the same bytes under another model (other hashes, another pack): no new chunks
     wh.put_blocks("acme", "model-b", tokens(3 * BS, base=5), data, BS)
     assert chunk_count(vol, "acme") - base == one
@@ -422,7 +423,7 @@ def test_gc_never_collects_live_blocks(wh: TokenWarehouse, vol: Volume) -> None:
     wh.delete_blocks("acme", MODEL, hs[2:])
     assert len(pack_files(vol, "acme")) == 1
     rep = gc(vol, grace=0)
-    assert rep.chunks_deleted == 5  # the first pack: 320,000 bytes in five 64 KiB chunks
+    assert rep.chunks_deleted == 1  # the first pack (320,000 bytes): one chunk
     wh.drop_hot()
     assert wh.get_blocks("acme", MODEL, hs + hs2) == [None] * 4 + data2
 

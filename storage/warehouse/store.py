@@ -102,10 +102,11 @@ KV_ROOT = "/.lodestore/kv"
 MANIFEST = "model.json"
 MAX_BLOCKS_PER_CALL = 4096
 # A put's new blocks go into packs of at most this many bytes (one block may exceed it
-# alone). Small enough that a large put writes, and a get reads, several packs in
-# parallel (measured faster than 16 or 64 MiB packs for 5.6 MiB blocks); large enough
-# that small blocks share a few 4 MiB chunks instead of paying fsyncs per block.
-PACK_MAX_BYTES = 8 << 20
+# alone), and a pack is stored as one chunk: m fragment files per pack instead of m per
+# 4 MiB, so far fewer file creates, fsyncs and renames per byte. In-process A/B of
+# 256-token (5.6 MiB) block puts on one disk, medians: 8 MiB packs in 4 MiB chunks 193,
+# 16 MiB packs as one chunk 371-430, 32 MiB packs as one chunk 531 MiB/s.
+PACK_MAX_BYTES = 32 << 20
 INDEX = "kvw"  # KV-tier key prefix of the block index (the namespace is the tenant)
 _SCAN_PAGE = 1000
 
@@ -540,7 +541,8 @@ class TokenWarehouse:
             pack = os.urandom(16).hex()
             data = datas[group[0]] if len(group) == 1 else b"".join(datas[i] for i in group)
             self.vol.write(tenant, _pack_path(d, pack), data, mode="create",
-                           attrs={"kind": "kv_pack", "blocks": len(group)})
+                           attrs={"kind": "kv_pack", "blocks": len(group)},
+                           chunk_size=min(256 << 20, max(4096, len(data))))
             return pack
 
         packs: list[str] = []
