@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import blake3
 import xxhash
@@ -201,18 +201,24 @@ class ChunkStore:
                 return i, tid, exc
 
         pending = [self.io.submit(put, i, ranked[i]) for i in range(min(self.m, len(ranked)))]
-        while pending:
-            nxt: list[Future] = []
-            for fut in pending:
-                i, tid, exc = fut.result()
-                if exc is None:
-                    placement[i] = tid
-                    continue
-                self.mark_down(tid)
-                errors.append(f"{tid}: {exc}")
-                if spare:
-                    nxt.append(self.io.submit(put, i, spare.pop(0)))
-            pending = nxt
+        started = list(pending)
+        try:
+            while pending:
+                nxt: list[Future] = []
+                for fut in pending:
+                    i, tid, exc = fut.result()
+                    if exc is None:
+                        placement[i] = tid
+                        continue
+                    self.mark_down(tid)
+                    errors.append(f"{tid}: {exc}")
+                    if spare:
+                        nxt.append(self.io.submit(put, i, spare.pop(0)))
+                        started.append(nxt[-1])
+                pending = nxt
+        except BaseException:
+            wait(started)  # no write may still be reading the caller's data once we return
+            raise
         stored = sum(1 for p in placement if p)
         if stored < self.min_shares:
             raise TargetUnavailable(
