@@ -66,7 +66,6 @@ _PLAIN_WORD = regex.compile(r"(?:[A-Za-z]+|[A-Za-z0-9]*[0-9]) ?")
 _WORD_PUNCT = regex.compile(rf"([A-Za-z]+|[0-9]+)([,;!?.:])({_WS_CLASS}*)")
 
 _KEY, _NO, _QUERY = 0, 1, 2
-_NOTHING: frozenset[str] = frozenset()
 SMALL_DOC = 1 << 16  # characters: texts up to this size take the colon shortcuts
 _CACHE_LIMIT = 200_000
 # Zones of influence replace per-finding walks for a recognizer once it has had
@@ -119,9 +118,6 @@ class ContextScorer:
         self._status: dict[str, tuple[int, str]] = {}
         self._chunk_pieces: dict[str, frozenset[str]] = {}
         self._unit_keys: dict[str, tuple[tuple[int, str], ...]] = {}
-        # unit -> its keywords in order where no token of it is a _QUERY (those are
-        # keywords or not in every document alike), else False; see unit_words
-        self._unit_words: dict[str, tuple[str, ...] | bool] = {}
         self._pairs = self._straddle_pairs(self.tokenizer)
         rules = self.tokenizer.rules or {}
         self._plain_specials = {k for k in rules if _PLAIN_WORD.fullmatch(k)}
@@ -360,21 +356,6 @@ class ContextScorer:
             self._unit_keys[unit] = hit
         return hit
 
-    def unit_words(self, unit: str) -> tuple[str, ...] | bool:
-        """The keywords of a standalone unit, in order, when no token of it is a
-        _QUERY; False otherwise (then they depend on the document). Cached."""
-        hit = self._unit_words.get(unit)
-        if hit is None:
-            keys = self.unit_keys(unit)
-            if any(kind == _QUERY for kind, _ in keys):
-                hit = False
-            else:
-                hit = tuple(low for kind, low in keys if kind == _KEY)
-            if len(self._unit_words) > _CACHE_LIMIT:
-                self._unit_words.clear()
-            self._unit_words[unit] = hit
-        return hit
-
     def covered(self, context: tuple[str, ...]) -> bool:
         """Does the document-wide scanner know every word of this context list?"""
         hit = self._covered.get(context)
@@ -411,9 +392,7 @@ class DocContext:
         self._low: str | None = None
         self._all_pieces: set[str] | None = None
         self._colon_pieces: set[str] | None = None
-        self._chunk_memo: dict[int, Iterable[str]] = {}  # colon chunk start -> pieces
         self._skipping: bool | None = None
-        self._skips: tuple[frozenset[str], frozenset[str]] | None = None
         self._memo: dict[int, tuple[str, ...]] = {}
         self._outer_memo: dict[tuple[int, int], tuple[str, ...]] = {}
         self._bounds: dict[int, tuple[int, int]] = {}
@@ -521,63 +500,16 @@ class DocContext:
         if hit is None:
             if piece == "-pron-":  # also the whole of a token such as "-pron-"
                 hit = "-pron-" in self.low and piece in self._everything()
-            elif self.small and self._colon_pieces is None:
-                hit = self._piece_near_colon(piece)
+            elif (
+                self.small
+                and self._colon_pieces is None
+                and not (piece + ":" in self.low or ":" + piece in self.low)
+            ):
+                hit = False  # a piece is next to a ':' (see `skipping`)
             else:
                 hit = piece in self.colon_pieces()
             self._pieces[piece] = hit
         return hit
-
-    def _piece_near_colon(self, piece: str) -> bool:
-        """`piece in colon_pieces()`, from the chunks where `piece` touches a colon.
-
-        A piece is next to a ':' in its token (it has one), and a token's lowercase is
-        the text's there: lowercasing is per character but for Σ, which no ASCII piece
-        holds, and where the lowercase text is as long as the text no character changes
-        length, so its offsets are the text's. Each such chunk gives the pieces that
-        `colon_pieces` collects from it (those are all in `colon_pieces()`).
-        """
-        low = self.low
-        before, after = piece + ":", ":" + piece
-        if before not in low and after not in low:
-            return False
-        if len(low) != self.n or not piece.isascii():
-            return piece in self.colon_pieces()
-        memo = self._chunk_memo
-        for needle, off in ((before, len(piece)), (after, 0)):
-            i = low.find(needle)
-            while i >= 0:
-                cs, ce = self._colon_chunk(i + off)
-                got = memo.get(cs)
-                if got is None:
-                    got = memo[cs] = self._colon_chunk_pieces(cs, ce, i + off)[0]
-                if piece in got:
-                    return True
-                i = low.find(needle, i + 1)
-        return False
-
-    def _colon_chunk(self, pos: int) -> tuple[int, int]:
-        """[start, end) of the chunk holding the colon at pos."""
-        text, n = self.text, self.n
-        m = _WS_REV.search(text, 0, pos)
-        cs = 0 if m is None else m.end()
-        if pos + 1 < n and text[pos + 1] == " ":
-            return cs, pos + 1  # the usual "word: "
-        m = _WS_FWD.search(text, pos)
-        return cs, n if m is None else m.start()
-
-    def _colon_chunk_pieces(self, cs: int, ce: int, pos: int) -> tuple[Iterable[str], bool]:
-        """The pieces of the tokens holding a colon in the chunk [cs, ce) (with the colon
-        at pos), and whether the chunk tokenizes on its own (then they are its own)."""
-        text = self.text
-        m = _NONWS_FWD.search(text, ce)
-        if self._safe(cs) and (m is None or self._safe(m.start())):
-            return self.s.chunk_pieces(text[cs:ce]), True
-        pieces: set[str] = set()
-        for _, t in self.block(pos)[2]:
-            if ":" in t and not self.s.filtered(t):
-                pieces.update(t.lower().split(":"))
-        return pieces, False
 
     def colon_pieces(self) -> set[str]:
         """The ':'-split pieces of every non-filtered token holding a colon.
@@ -586,18 +518,28 @@ class DocContext:
         chunks with a colon hold such tokens, and most chunks recur (cached per chunk).
         """
         if self._colon_pieces is None:
-            text = self.text
+            text, n = self.text, self.n
             pieces: set[str] = set()
             seen: set[str] = set()
             pos = text.find(":")
             while pos >= 0:
-                cs, ce = self._colon_chunk(pos)
+                m = _WS_REV.search(text, 0, pos)
+                cs = 0 if m is None else m.end()
+                if pos + 1 < n and text[pos + 1] == " ":
+                    ce = pos + 1  # the usual "word: "
+                else:
+                    m = _WS_FWD.search(text, pos)
+                    ce = n if m is None else m.start()
                 chunk = text[cs:ce]
                 if chunk not in seen:
-                    got, alone = self._colon_chunk_pieces(cs, ce, pos)
-                    if alone:
+                    m = _NONWS_FWD.search(text, ce)
+                    if self._safe(cs) and (m is None or self._safe(m.start())):
                         seen.add(chunk)  # tokenizes on its own, wherever it occurs
-                    pieces.update(got)
+                        pieces |= self.s.chunk_pieces(chunk)
+                    else:
+                        for _, t in self.block(pos)[2]:
+                            if ":" in t and not self.s.filtered(t):
+                                pieces.update(t.lower().split(":"))
                 pos = text.find(":", ce)
             self._colon_pieces = pieces
         return self._colon_pieces
@@ -617,40 +559,14 @@ class DocContext:
         of their words is a ':'-piece of some token in this document (then it is a
         keyword wherever it occurs)."""
         if self._skipping is None:
-            if self.small:
+            if self.small and self.found().isdisjoint(self.s.colon_words):
                 # A piece is next to a ':' in its token, and a token's lowercase is
                 # the text's there (lowercasing is per character but for Σ, which no
-                # stop word holds): no "w:" or ":w" in the text, no piece w. The scan
-                # finds a superset of those; each found is checked where it occurs.
-                near = self.found() & self.s.colon_words
-                self._skipping = not any(self.is_piece(w.strip(":")) for w in near)
+                # stop word holds): no "w:" or ":w" in the text, no piece w.
+                self._skipping = True
             else:
                 self._skipping = not (self.s.skip_words & self.colon_pieces())
         return self._skipping
-
-    def skips(self) -> tuple[frozenset[str], frozenset[str]]:
-        """Units keyword walks may pass over here: those of the first set that are not
-        in the second.
-
-        A skippable unit is no keyword unless its word is a ':'-piece of some token
-        in this document (see `skipping`). In small documents, rather than settle that
-        for every word up front, the words the scan finds next to a colon ("w:", ":w",
-        a superset of the pieces) are left to the walk's general path, which asks
-        `is_piece` about them only if it meets them.
-        """
-        if self._skips is None:
-            if not self.small:
-                self._skips = (self.s.skip_units if self.skipping else _NOTHING, _NOTHING)
-            else:
-                near = self.found() & self.s.colon_words
-                unsure = _NOTHING
-                if near:
-                    words = {w.strip(":") for w in near}
-                    unsure = frozenset(
-                        v + " " for w in words for v in (w, w.capitalize(), w.upper())
-                    )
-                self._skips = (self.s.skip_units, unsure)
-        return self._skips
 
     def _keyword(self, tok: str) -> str | None:
         kind, low = self.s.status(tok)
@@ -691,8 +607,7 @@ class DocContext:
     def _keywords_before(self, end: int, need: int) -> list[str]:
         """The `need` keywords nearest before `end` (a safe block boundary)."""
         text, out, pairs = self.text, [], self.s._pair_index
-        words = self.s._unit_words  # the usual block: one unit, keywords known
-        skip, unsure = self.skips()
+        skip = self.s.skip_units if self.skipping else frozenset()
         block = ""  # units whose left boundary is not yet known to be safe
         hi, span = end, _FIRST_WINDOW
         while hi > 0:
@@ -704,36 +619,24 @@ class DocContext:
                 span *= 4  # one chunk longer than the window
                 continue
             for u in reversed(units):
-                if u in skip and u not in unsure:  # one filtered token joining nothing
-                    if not block:
+                if u in skip:  # one filtered token that joins nothing: no keyword
+                    if block:
+                        if self._take(block, out, need, True):
+                            return out
+                        block = ""
+                    continue
+                if block:
+                    if (
+                        u[-1] == " "
+                        and len(u) > 1
+                        and (u[-2], block[0]) in pairs
+                        and self._straddles(u, block)
+                    ):
+                        block = u + block
                         continue
-                    nxt = ""
-                elif not block:
-                    block = u
-                    continue
-                elif (
-                    u[-1] == " "
-                    and len(u) > 1
-                    and (u[-2], block[0]) in pairs
-                    and self._straddles(u, block)
-                ):
-                    block = u + block
-                    continue
-                else:
-                    nxt = u
-                # the block is complete: take its keywords, last first
-                kws = words.get(block)
-                if kws is None:
-                    kws = self.s.unit_words(block)
-                if kws is False:
                     if self._take(block, out, need, True):
                         return out
-                elif kws:
-                    out.extend(reversed(kws))
-                    if len(out) >= need:
-                        del out[need:]
-                        return out
-                block = nxt
+                block = u
             hi -= sum(map(len, units))
             span = max(span, _WINDOW)
             if lo == 0:
@@ -749,7 +652,7 @@ class DocContext:
         boundary) on: units joined where a special case could straddle them; skippable
         units (one filtered token that joins nothing) come alone, marked skipped."""
         text, n, pairs = self.text, self.n, self.s._pair_index
-        skip, unsure = self.skips()
+        skip = self.s.skip_units if self.skipping else frozenset()
         block, bstart = "", start
         lo = start
         while lo < n:
@@ -761,7 +664,7 @@ class DocContext:
                 span *= 4
                 continue
             for u in units:
-                if u in skip and u not in unsure:
+                if u in skip:
                     if block:
                         yield bstart, block, False
                         bstart += len(block)
