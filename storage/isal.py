@@ -40,12 +40,16 @@ class _PyBuffer(ctypes.Structure):
     ]
 
 
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_get_buffer.restype = ctypes.c_int
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
-_release_buffer.restype = None
+try:  # CPython's buffer API; elsewhere (no ctypes.pythonapi) zfec does the work
+    _get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+    _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
+    _get_buffer.restype = ctypes.c_int
+    _release_buffer = ctypes.pythonapi.PyBuffer_Release
+    _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
+    _release_buffer.restype = None
+    _BUFFER_API = True
+except AttributeError:  # pragma: no cover - not CPython
+    _BUFFER_API = False
 
 
 class _Pinned:
@@ -53,7 +57,8 @@ class _Pinned:
 
     def __init__(self, obj: Any) -> None:
         self.view = _PyBuffer()
-        _get_buffer(obj, ctypes.byref(self.view), 0)  # PyBUF_SIMPLE: contiguous bytes
+        if _get_buffer(obj, ctypes.byref(self.view), 0) != 0:  # PyBUF_SIMPLE: contiguous
+            raise BufferError("cannot read this object's buffer")
         self.address: int = self.view.buf or 0
         self.length: int = self.view.len
 
@@ -157,7 +162,7 @@ def kernel() -> Kernel | None:
     if not _loaded:
         with _load_lock:
             if not _loaded:
-                path = _find_library()
+                path = _find_library() if _BUFFER_API else None
                 if path is not None:
                     try:
                         _kernel = Kernel(ctypes.CDLL(path), path)
