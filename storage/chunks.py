@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
 
 import blake3
 import xxhash
@@ -42,8 +43,12 @@ def parse_fragment_key(key: str) -> tuple[str, str, int] | None:
 
 
 class _LRU:
-    def __init__(self, size: int) -> None:
+    """At most ``size`` entries and, with ``weigh``, at most ``max_weight`` in all."""
+
+    def __init__(self, size: int, max_weight: int = 0,
+                 weigh: Callable[[Any], int] | None = None) -> None:
         self.size = size
+        self.max_weight, self.weigh, self.weight = max_weight, weigh, 0
         self.d: OrderedDict = OrderedDict()
         self.lock = threading.Lock()
 
@@ -56,14 +61,21 @@ class _LRU:
 
     def put(self, key, value) -> None:  # type: ignore[no-untyped-def]
         with self.lock:
+            old = self.d.pop(key, None)
+            if self.weigh is not None:
+                self.weight += self.weigh(value) - (self.weigh(old) if old is not None else 0)
             self.d[key] = value
-            self.d.move_to_end(key)
-            while len(self.d) > self.size:
-                self.d.popitem(last=False)
+            while len(self.d) > self.size or (self.weigh is not None and len(self.d) > 1
+                                              and self.weight > self.max_weight):
+                _, gone = self.d.popitem(last=False)
+                if self.weigh is not None:
+                    self.weight -= self.weigh(gone)
 
     def pop(self, key) -> None:  # type: ignore[no-untyped-def]
         with self.lock:
-            self.d.pop(key, None)
+            gone = self.d.pop(key, None)
+            if gone is not None and self.weigh is not None:
+                self.weight -= self.weigh(gone)
 
 
 # column fetches started ahead: (lo, hi) of the share columns and share index -> future
@@ -93,8 +105,10 @@ class ChunkStore:
         self.io = ThreadPoolExecutor(io_threads, thread_name_prefix="lodestore-io")
         self._records = _LRU(65536)
         # checksum tables of layout-3 fragments (~2 KiB per MiB of share); fragments are
-        # content-addressed and immutable, so a cached table never goes stale
-        self._tables = _LRU(8192)
+        # content-addressed and immutable, so a cached table never goes stale. Bounded in
+        # bytes too: a 32 MiB warehouse pack's shares have 16 KiB tables, a 256 MiB chunk's
+        # 130 KiB, and 8,192 of those would be 1 GiB.
+        self._tables = _LRU(8192, 32 << 20, lambda t: len(t.blocks) + len(t.segments))
         self._down: dict[str, float] = {}
         # Encoding runs at most one chunk per core at a time. Why: a multi-chunk write
         # starts many chunks at once; encoding them all together makes every one finish

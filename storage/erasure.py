@@ -53,7 +53,7 @@ def encode(chunk: bytes | memoryview, k: int, m: int) -> list[bytes | memoryview
     if m == k:
         return data
     kern = isal.kernel()
-    if kern is not None:
+    if kern is not None and len(data[0]) <= isal.MAX_LENGTH:
         return data + list(kern.dot(k, _parity_rows(k, m), data, len(data[0])))
     parity = _coder("e", k, m).encode(tuple(data), tuple(range(k, m)))
     return data + list(parity)
@@ -67,12 +67,12 @@ def decode_columns(pieces: dict[int, Any], k: int, m: int) -> list[Any]:
     if nums == list(range(k)):
         return [pieces[i] for i in nums]
     kern = isal.kernel()
-    if kern is not None:
-        length = len(pieces[nums[0]])
+    length = len(pieces[nums[0]])
+    if kern is not None and length <= isal.MAX_LENGTH:
         if any(len(pieces[i]) != length for i in nums):
             raise ValueError("shares to decode differ in length")
         lost = [i for i in range(k) if i not in pieces]
-        rows = _decode_rows(k, m, tuple(nums), tuple(lost))
+        rows = _decode_rows(kern, k, m, tuple(nums), tuple(lost))
         rebuilt = dict(zip(lost, kern.dot(k, rows, [pieces[i] for i in nums], length),
                            strict=True))
         return [pieces[i] if i in pieces else rebuilt[i] for i in range(k)]
@@ -88,10 +88,9 @@ def _parity_rows(k: int, m: int) -> bytes:
 
 
 @lru_cache(maxsize=1024)
-def _decode_rows(k: int, m: int, nums: tuple[int, ...], lost: tuple[int, ...]) -> bytes:
+def _decode_rows(kern: isal.Kernel, k: int, m: int, nums: tuple[int, ...],
+                 lost: tuple[int, ...]) -> bytes:
     """Rows of the inverse of the code's rows ``nums``: data share i = row i · shares."""
-    kern = isal.kernel()
-    assert kern is not None
     parity = _parity_rows(k, m)
     sub = bytearray()
     for n in nums:

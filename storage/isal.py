@@ -108,11 +108,17 @@ class Kernel:
             t = ctypes.create_string_buffer(32 * len(rows))
             self._init(k, len(rows) // k, rows, t)
             with self._lock:
+                if len(self._tables) >= 256:  # decode rows vary with the failure pattern
+                    self._tables.clear()
                 self._tables[key] = t
         return t
 
     def dot(self, k: int, rows: bytes, sources: list[Any], length: int) -> list[bytearray]:
         """Each row of ``rows`` times the k ``sources`` (each ``length`` bytes)."""
+        if len(sources) != k or len(rows) % k:
+            raise ValueError(f"need {k} sources and rows of {k} coefficients")
+        if length > MAX_LENGTH:
+            raise ValueError(f"ISA-L takes at most {MAX_LENGTH} bytes per share, not {length}")
         n = len(rows) // k
         outs = [bytearray(length) for _ in range(n)]
         with ExitStack() as stack:
@@ -136,6 +142,35 @@ class Kernel:
         if self._invert(a, b, n) != 0:
             raise ValueError("singular decode matrix")
         return b.raw
+
+
+MAX_LENGTH = 2**31 - 1  # ec_encode_data takes the length as a C int
+
+
+def agrees_with_zfec(kern: Kernel) -> bool:
+    """Encode and decode odd-length data for 1-8 parity rows and compare with zfec.
+
+    ISA-L picks its kernel (SSE, AVX2, AVX-512, GFNI) by CPU at run time, so the one
+    that runs here may be one no test exercised; a wrong one would corrupt parity
+    silently. A few milliseconds, once per process.
+    """
+    for k, m in ((1, 2), (2, 4), (3, 6), (4, 6), (4, 8), (5, 10), (6, 13), (10, 14), (8, 16)):
+        n = 2 * k + 1 + 64 * k  # odd, past a vector width, a partial last vector
+        data = [bytes((i * 131 + j * 7 + 1) % 256 for i in range(n)) for j in range(k)]
+        want = zfec.Encoder(k, m).encode(data, list(range(k, m)))
+        rows = zfec_parity_rows(k, m)
+        got = kern.dot(k, rows, data, n)
+        if [bytes(g) for g in got] != list(want):
+            return False
+        # decode data share 0 from the last k shares (parity first when m - k >= k)
+        nums = list(range(m - k, m))
+        shares = {**dict(enumerate(data)), **{k + r: want[r] for r in range(m - k)}}
+        sub = b"".join(bytes(1 if j == i else 0 for j in range(k)) if i < k
+                       else rows[(i - k) * k:(i - k + 1) * k] for i in nums)
+        inv = kern.invert(sub, k)
+        if bytes(kern.dot(k, inv[:k], [shares[i] for i in nums], n)[0]) != data[0]:
+            return False
+    return True
 
 
 _kernel: Kernel | None = None
@@ -165,8 +200,9 @@ def kernel() -> Kernel | None:
                 path = _find_library() if _BUFFER_API else None
                 if path is not None:
                     try:
-                        _kernel = Kernel(ctypes.CDLL(path), path)
-                    except (OSError, AttributeError):
+                        kern = Kernel(ctypes.CDLL(path), path)
+                        _kernel = kern if agrees_with_zfec(kern) else None
+                    except (OSError, AttributeError, ValueError):
                         _kernel = None
                 _loaded = True
     return _kernel

@@ -408,8 +408,9 @@ class Volume:
             for fut in inflight:
                 refs.append(fut.result())
         finally:
-            for fut in inflight:  # a failure mid-stream: let started chunks finish
+            for fut in inflight:  # a failure mid-stream: cancel what has not started,
                 fut.cancel()
+            wait(inflight)  # and let started chunks finish before the caller's data goes
         self.chunks.finish(batch)
         return refs, size
 

@@ -219,3 +219,22 @@ def test_metadata_from_before_the_layout_column_is_migrated(tmp_path):
     assert vol.read("acme", "/b.bin") == data[::-1]
     assert scrub(vol).clean
     vol.close()
+
+
+def test_checksum_table_cache_is_bounded_in_bytes():
+    """Bigger chunks (warehouse packs, per-write chunk sizes) have bigger tables: the cache
+    is capped by their bytes as well as their count, evicting the least recently used."""
+    from storage.chunks import _LRU
+
+    lru = _LRU(100, 10_000, len)
+    for i in range(8):
+        lru.put(i, b"x" * 3000)
+    assert lru.weight <= 10_000 and list(lru.d) == [5, 6, 7]
+    lru.get(5)
+    lru.put(8, b"y" * 3000)  # 6 is now the least recently used
+    assert list(lru.d) == [7, 5, 8] and lru.weight == 9000
+    lru.put(8, b"z" * 100)  # replacing an entry re-weighs it
+    lru.pop(7)
+    assert lru.weight == 3100
+    lru.put(9, b"w" * 50_000)  # one entry over the cap alone is kept, the rest go
+    assert list(lru.d) == [9] and lru.weight == 50_000
