@@ -789,3 +789,40 @@ def test_incremental_puts_hash_only_new_blocks_and_match_full_chain(
 def test_token_ids_checked_with_the_bad_entry_named(wh: TokenWarehouse, bad, where) -> None:
     with pytest.raises(InvalidArgument, match=rf"token_ids\[{where}\]"):
         wh.put_blocks("acme", MODEL, bad * BS, blocks_for(1), 1)
+
+
+def test_blocks_read_back_with_two_targets_gone(tmp_path: Path) -> None:
+    """A pack is one erasure-coded chunk: with any two of its six targets gone, every
+    block still reads back (decoded from parity), and repair restores the lost shares."""
+    import shutil
+
+    from storage.maintenance import repair, scrub, status
+    from storage.targets.local import path_from_url
+
+    home = tmp_path / "store"
+    vol = _volume(home)
+    wh = TokenWarehouse(vol)
+    data = blocks_for(12, seed=21)
+    toks = tokens(12 * BS)
+    hs = wh.put_blocks("acme", MODEL, toks, data, BS)
+    roots = [path_from_url(t.url) for t in vol.cfg.targets]
+    assert len(roots) == vol.cfg.m == 6
+    wh.close()
+    vol.close()
+    for root in roots[:2]:  # data-share targets for some packs, parity for others
+        shutil.rmtree(root)
+    vol = Volume.open(home)
+    wh = TokenWarehouse(vol)
+    try:
+        assert wh.lookup("acme", MODEL, toks) == 12 * BS
+        assert wh.get_blocks("acme", MODEL, hs) == data
+        assert wh.get_blocks("acme", MODEL, hs[5:7]) == data[5:7]  # ranges inside the pack
+        assert status(vol)["degraded_chunks"] >= 1
+        rep = repair(vol)
+        assert rep.lost == 0 and rep.still_degraded == 0
+        assert scrub(vol).clean
+        wh.drop_hot()
+        assert wh.get_blocks("acme", MODEL, hs) == data
+    finally:
+        wh.close()
+        vol.close()
