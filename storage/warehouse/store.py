@@ -7,7 +7,8 @@ their entries reference their chunks)::
     /.lodestore/kv/<model-dir>/model.json        the model's manifest
     /.lodestore/kv/<model-dir>/p/<hh>/<pack-id>   one pack: the new blocks of one put,
                                                    concatenated (at most PACK_MAX_BYTES;
-                                                   larger puts write several, in parallel)
+                                                   larger puts write several, in parallel),
+                                                   stored as a single chunk
     /.lodestore/kv/<model-dir>/o/<hh>/<key-hex>   one keyed object (engines that name their
                                                    own chunks, e.g. LMCache; key-hex is
                                                    sha256 of the key, the key is in attrs)
