@@ -91,9 +91,5 @@ def _parity_rows(k: int, m: int) -> bytes:
 def _decode_rows(kern: isal.Kernel, k: int, m: int, nums: tuple[int, ...],
                  lost: tuple[int, ...]) -> bytes:
     """Rows of the inverse of the code's rows ``nums``: data share i = row i · shares."""
-    parity = _parity_rows(k, m)
-    sub = bytearray()
-    for n in nums:
-        sub += bytes(1 if j == n else 0 for j in range(k)) if n < k else parity[(n - k) * k:(n - k + 1) * k]
-    inv = kern.invert(bytes(sub), k)
+    inv = kern.invert(isal.code_rows(k, m, nums), k)
     return b"".join(inv[i * k:(i + 1) * k] for i in lost)

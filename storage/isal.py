@@ -7,9 +7,9 @@ faster here. Both use the field with polynomial 0x11d, and the parity rows below
 back from zfec itself (by encoding unit vectors), so the shares are byte for byte zfec's:
 fragments written with either decode with either, and the on-disk format is unchanged.
 
-ISA-L comes from the ``pyeclib`` wheel, which ships ``libisal`` in ``pyeclib.libs/`` on
-Linux x86-64 (an optional dependency there). Anywhere it is missing, or with
-``LODESTORE_ERASURE=zfec``, :func:`kernel` returns None and zfec does the work.
+ISA-L comes from the ``pyeclib`` wheel, which ships ``libisal`` in ``pyeclib.libs/`` (a
+dependency on Linux x86-64 and aarch64, where such wheels exist). Anywhere it is missing,
+or with ``LODESTORE_ERASURE=zfec``, :func:`kernel` returns None and zfec does the work.
 ``ec_encode_data`` is called through ``ctypes.CDLL``, which drops the GIL, so encoding on
 several threads uses several cores as zfec did.
 """
@@ -25,8 +25,6 @@ from contextlib import ExitStack
 from typing import Any
 
 import zfec
-
-_Ptr = ctypes.POINTER(ctypes.c_ubyte)
 
 
 class _PyBuffer(ctypes.Structure):
@@ -80,6 +78,14 @@ def zfec_parity_rows(k: int, m: int) -> bytes:
         for r, block in enumerate(enc.encode(src, list(range(k, m)))):
             out[r * k + j] = block[0]
     return bytes(out)
+
+
+def code_rows(k: int, m: int, nums: list[int] | tuple[int, ...]) -> bytes:
+    """Rows ``nums`` of the systematic code's m×k matrix: identity rows for data
+    shares, zfec's parity rows for the rest."""
+    parity = zfec_parity_rows(k, m)
+    return b"".join(bytes(1 if j == n else 0 for j in range(k)) if n < k
+                    else parity[(n - k) * k:(n - k + 1) * k] for n in nums)
 
 
 class Kernel:
@@ -165,9 +171,7 @@ def agrees_with_zfec(kern: Kernel) -> bool:
         # decode data share 0 from the last k shares (parity first when m - k >= k)
         nums = list(range(m - k, m))
         shares = {**dict(enumerate(data)), **{k + r: want[r] for r in range(m - k)}}
-        sub = b"".join(bytes(1 if j == i else 0 for j in range(k)) if i < k
-                       else rows[(i - k) * k:(i - k + 1) * k] for i in nums)
-        inv = kern.invert(sub, k)
+        inv = kern.invert(code_rows(k, m, nums), k)
         if bytes(kern.dot(k, inv[:k], [shares[i] for i in nums], n)[0]) != data[0]:
             return False
     return True
