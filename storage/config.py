@@ -16,6 +16,7 @@ from .errors import ConfigError
 
 CONFIG_NAME = "lodestore.yaml"
 MiB = 1024 * 1024
+MIN_CHUNK_SIZE, MAX_CHUNK_SIZE = 4096, 256 * MiB  # store-wide and per-write chunk sizes
 
 
 def one_line(exc: BaseException) -> str:
@@ -78,7 +79,7 @@ class StoreConfig:
         ids = [t.id for t in self.targets]
         if len(set(ids)) != len(ids):
             raise bad("targets", f"ids must be unique, got {ids}")
-        if self.chunk_size < 4096 or self.chunk_size > 256 * MiB:
+        if not MIN_CHUNK_SIZE <= self.chunk_size <= MAX_CHUNK_SIZE:
             raise bad("chunk_size", "must be between 4 KiB and 256 MiB")
         if self.checksum_block < 512 or self.checksum_block > 1024 * 1024:
             raise bad("checksum_block", "must be between 512 B and 1 MiB")

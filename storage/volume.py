@@ -24,7 +24,7 @@ from typing import IO, Any
 from . import paths
 from .buffers import Fresh
 from .chunks import ChunkStore, WriteBatch
-from .config import MiB, StoreConfig, default_home
+from .config import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, StoreConfig, default_home
 from .errors import (
     AlreadyExists,
     ConcurrentChange,
@@ -470,7 +470,7 @@ class Volume:
         self._tenant(tenant)
         if mode not in ("overwrite", "create", "append"):
             raise InvalidArgument("mode must be 'overwrite', 'create' or 'append'")
-        if chunk_size is not None and not (4096 <= chunk_size <= 256 * MiB):
+        if chunk_size is not None and not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
             raise InvalidArgument(f"chunk_size must be between 4 KiB and 256 MiB, not {chunk_size}")
         if chunk_size is not None and mode == "append":
             raise InvalidArgument("chunk_size cannot be set for appends (they follow the file's)")

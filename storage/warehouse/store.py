@@ -71,6 +71,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE
 from ..errors import (
     InvalidArgument,
     IsADirectory,
@@ -543,7 +544,7 @@ class TokenWarehouse:
             data = datas[group[0]] if len(group) == 1 else b"".join(datas[i] for i in group)
             self.vol.write(tenant, _pack_path(d, pack), data, mode="create",
                            attrs={"kind": "kv_pack", "blocks": len(group)},
-                           chunk_size=min(256 << 20, max(4096, len(data))))
+                           chunk_size=min(MAX_CHUNK_SIZE, max(MIN_CHUNK_SIZE, len(data))))
             return pack
 
         packs: list[str] = []
