@@ -232,3 +232,79 @@ def test_processes_are_seamless_above_thresholds(default):
         got = [(f.start, f.end, f.entity_type, f.score) for f in par.analyze(text)]
     assert got == want
     assert len(want) > 20
+
+
+def _weak_docs() -> list[str]:
+    """Short prose with values that only weak patterns match (bank numbers, licences,
+    passports, ITINs, SSN shapes), with and without their recognizers' context words."""
+    rng = random.Random(11)
+    weak = ("US_BANK_NUMBER", "US_DRIVER_LICENSE", "US_PASSPORT", "US_ITIN", "US_SSN")
+    docs = [
+        "order 123456789 shipped to the depot; ref 0012345678901",
+        "the permit lic# A1234567 was renewed; passport 912345678 is due",
+        "Account 12345678901 and acct 987654321; taxpayer id 912-70-1234",
+        "id 123456789 " + "quarterly report filed " * 40 + "passport",
+    ]
+    for ratio in (0.0, 0.5, 1.0):
+        for _ in range(20):
+            docs.append(
+                corpus.document(
+                    rng, 1024, "prose", pii_per_kb=2, entities=weak, context_ratio=ratio
+                ).text
+            )
+    return docs
+
+
+def test_weak_patterns_skipped_without_context_match_stock(default, stock, monkeypatch):
+    """A pattern that can reach its threshold only with a context boost is not run in a
+    document without its recognizer's context words; the findings stay stock's."""
+    ran: list[tuple[str, str]] = []
+    real = engine_mod.Engine._matches
+
+    def spy(self, p, text, *args):
+        ran.append((text, p.pattern.name))
+        return real(self, p, text, *args)
+
+    monkeypatch.setattr(engine_mod.Engine, "_matches", spy)
+    entities = list(DEFAULT_ENTITIES)
+    skipped = 0
+    for text in _weak_docs():
+        expected = _norm(
+            (r.entity_type, r.start, r.end, r.score)
+            for r in stock.analyze(text, "en", entities=entities)
+            if r.score >= DEFAULT_THRESHOLDS[r.entity_type]
+        )
+        ran.clear()
+        got = _norm((f.entity_type, f.start, f.end, f.score) for f in default.analyze(text))
+        assert got == expected, text
+        engine = default._engine
+        low = text.lower()
+        for p in engine.patterns:
+            rec = engine.recognizers[p.rec]
+            gated = p.pattern.score < DEFAULT_THRESHOLDS[rec.supported_entities[0]] and (
+                engine.kinds[p.rec] == "pattern"
+                and type(rec).validate_result is engine_mod.PatternRecognizer.validate_result
+            )
+            if gated and not any(c.lower() in low for c in rec.context or []):
+                assert (text, p.pattern.name) not in ran
+                skipped += p.rx.search(text) is not None
+    assert skipped > 10  # weak matches really were skipped
+
+
+def test_lowered_thresholds_turn_weak_patterns_back_on(stock):
+    """With a threshold at a weak pattern's own score, its bare matches are findings."""
+    low = {"US_PASSPORT": 0.05, "US_BANK_NUMBER": 0.05, "US_DRIVER_LICENSE": 0.01}
+    thresholds = {**DEFAULT_THRESHOLDS, **low}
+    entities = list(DEFAULT_ENTITIES)
+    with Classifier(thresholds=low, workers=1) as clf:
+        found = 0
+        for text in _weak_docs():
+            expected = _norm(
+                (r.entity_type, r.start, r.end, r.score)
+                for r in stock.analyze(text, "en", entities=entities)
+                if r.score >= thresholds[r.entity_type]
+            )
+            got = _norm((f.entity_type, f.start, f.end, f.score) for f in clf.analyze(text))
+            assert got == expected, text
+            found += sum(1 for x in got if x[3] < 0.4)
+        assert found > 10

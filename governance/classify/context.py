@@ -805,6 +805,15 @@ class DocContext:
             i = bisect.bisect_right(zones, x)
             return bool(i & 1) or (i < len(zones) and zones[i] < y)
         b0, _ = self.bounds(x)
+        if (
+            y == x + 1
+            and x == b0
+            and b0
+            and supported(self._six_before(b0)[:PREFIX_COUNT], context)
+        ):
+            # the finding's first token is the block's first: its words include the 5
+            # keywords before the block whatever the value's tokens are
+            return True
         _, b1 = self.bounds(y - 1)
         low = self.low[b0:b1] if len(self.low) == self.n else self.text[b0:b1].lower()
         inside = any(c.lower() in low for c in context)

@@ -150,6 +150,8 @@ class Engine:
             [(p.plan.pmax or 0) + (p.plan.wmax or 0) + (p.plan.guard or 0) for p in self.patterns]
             or [0]
         )
+        self._gate_mins: Mapping[str, float] | None = None
+        self._gate: list[bool] = [False] * len(self.patterns)
         self._phone_cache: dict[str, tuple[tuple[int, int], ...]] = {}
         self._phone_shapes: list[phones.RegionShape] | None = None
         self._phone_order: list[int] = []  # indices into the shapes, most successful first
@@ -249,11 +251,12 @@ class Engine:
         if doc is not None:
             doc.lo, doc.hi = lo, hi
         phone_min = (mins or {}).get("PHONE_NUMBER", 0.0) if self._phone_idx else 0.0
+        gate = self._gates(mins)
         raw: list[RawResult] = []
         w = lo
         while w < hi:
             w_end = min(hi, w + WINDOW)
-            raw.extend(self._window(text, w, w_end, doc, phone_min))
+            raw.extend(self._window(text, w, w_end, doc, phone_min, gate))
             w = w_end
         if lo == 0:
             raw.extend(self._globals(text))
@@ -299,8 +302,40 @@ class Engine:
         return out
 
     # -- regex recognizers --------------------------------------------------------------
+    def _gates(self, mins: Mapping[str, float] | None) -> list[bool] | None:
+        """Per pattern: can its results reach the caller's threshold only with a
+        context boost? (Its score is below the threshold and its recognizer never
+        raises a score by validation.) None when no pattern is so gated.
+
+        Why: such a pattern's matches matter only in a document where one of its
+        recognizer's context words occurs; elsewhere the regex, validation and
+        context walks for them are skipped. Exact: a result that stays below its
+        threshold is dropped, and can only remove results of its type with lower
+        scores, which are dropped too (see `remove_duplicates`).
+        """
+        if mins is None:
+            return None
+        if mins != self._gate_mins:
+            gate = []
+            for p in self.patterns:
+                rec = self.recognizers[p.rec]
+                lifts = self.kinds[p.rec] == "iban" or (
+                    type(rec).validate_result is not PatternRecognizer.validate_result
+                )
+                floor = mins.get(rec.supported_entities[0], 0.0)
+                gate.append(not lifts and p.pattern.score < floor)
+            self._gate = gate
+            self._gate_mins = dict(mins)
+        return self._gate if any(self._gate) else None
+
     def _window(
-        self, text: str, lo: int, hi: int, doc: DocContext | None, phone_min: float
+        self,
+        text: str,
+        lo: int,
+        hi: int,
+        doc: DocContext | None,
+        phone_min: float,
+        gate: list[bool] | None = None,
     ) -> list[RawResult]:
         n = len(text)
         npat = len(self.patterns)
@@ -315,6 +350,10 @@ class Engine:
                 if pid >= npat:
                     continue
                 p = self.patterns[pid]
+                if gate is not None and gate[pid]:
+                    context = self.recognizers[p.rec].context
+                    if doc is None or not context or not doc.present(context):
+                        continue  # no result of it can reach the threshold
                 ivs = self._intervals(p, text, ends)
                 for a, b in ivs:
                     if b <= lo or a >= hi:
