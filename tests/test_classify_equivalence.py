@@ -308,3 +308,24 @@ def test_lowered_thresholds_turn_weak_patterns_back_on(stock):
             assert got == expected, text
             found += sum(1 for x in got if x[3] < 0.4)
         assert found > 10
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "call me on 212-555-0123",  # the stretch runs to the end of the text
+        "phone:(415) 555-0188",
+        "phone 212 555 0123 4111 1111 1111 1111 call 020 7946 0958\n",
+        "cell +44 20 7946 0958x12 then phone 2125550199",
+    ],
+)
+def test_phone_stretches_at_text_end_and_between_numbers(text, stock):
+    """The prefilter reports a digit stretch once, where it ends (or at the end of the
+    text); every phone number is still found."""
+    expected = _norm(
+        (r.entity_type, r.start, r.end, r.score)
+        for r in stock.analyze(text, "en", entities=list(DEFAULT_ENTITIES))
+    )
+    with Classifier(thresholds=EVERYTHING, workers=1) as clf:
+        assert _norm(clf.analyze_raw(text)) == expected
+    assert any(x[0] == "PHONE_NUMBER" for x in expected)

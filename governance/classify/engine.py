@@ -164,10 +164,8 @@ class Engine:
         ]
         self._other_idx = [i for i, k in enumerate(self.kinds) if k == "other"]
         if self._phone_idx:
-            stretch, self._phone_fwd, self._phone_rev = self._phone_separators()
-            self.prefilter = Prefilter(
-                [*ascii_exprs, stretch.hs_ascii], [*nob_exprs, stretch.hs_nob]
-            )
+            (hs_ascii, hs_nob), self._phone_fwd, self._phone_rev = self._phone_separators()
+            self.prefilter = Prefilter([*ascii_exprs, hs_ascii], [*nob_exprs, hs_nob])
             # a phone number's digits lie within its maximal candidate length of its start
             self.margin = max(self.margin, 1024)
             self._warm_phones()
@@ -224,14 +222,27 @@ class Engine:
         return not unbounded or not (EDGE_CHARS & plan.consumable)
 
     @staticmethod
-    def _phone_separators() -> tuple[regex_plan.PatternPlan, regex.Pattern, regex.Pattern]:
-        """Prefilter plan for separator-free stretches holding 4 digits, and separator
-        searches (forward, reverse), for phonenumbers' candidate regex."""
+    def _phone_separators() -> tuple[tuple[bytes, bytes], regex.Pattern, regex.Pattern]:
+        """Prefilter expressions (with and without word boundaries) for separator-free
+        stretches holding 4 digits, and separator searches (forward, reverse), for
+        phonenumbers' candidate regex.
+
+        Each stretch is reported once: at the separator that ends it, or at the end of
+        the scanned text. (Reporting where its 4th digit lies, hyperscan would report
+        every later digit too: most callbacks of a scan, for no new stretch.)
+        """
         pat = phonenumbermatcher._PATTERN
         consumable = regex_plan.consumable_ascii(pat.pattern, pat.flags)
         cls = re.escape("".join(chr(c) for c in range(128) if chr(c) not in consumable))
         plan = regex_plan.plan(rf"\d(?:[^{cls}]*\d){{{_MIN_PHONE_DIGITS - 1}}}", 0)
-        return plan, regex.compile(f"[{cls}]"), regex.compile(f"[{cls}]", regex.REVERSE)
+        rest, _ = regex_plan.expression(rf"[^{cls}]*")
+        sep, _ = regex_plan.expression(rf"[{cls}]")
+        tail = rest + b"(?:" + sep + rb"|\z)"
+        return (
+            (plan.hs_ascii + tail, plan.hs_nob + tail),
+            regex.compile(f"[{cls}]"),
+            regex.compile(f"[{cls}]", regex.REVERSE),
+        )
 
     # -- public --------------------------------------------------------------------------
     def analyze_range(
@@ -512,6 +523,8 @@ class Engine:
         for e in ends:
             if e <= stretch_end:
                 continue
+            if self._phone_fwd.match(text, e - 1):
+                e -= 1  # reported at the separator after the stretch
             m = self._phone_rev.search(text, 0, e)
             a = 0 if m is None else m.end()
             m = self._phone_fwd.search(text, e)

@@ -321,6 +321,15 @@ def plan(pattern: str, flags: int, loosen: int = 0) -> PatternPlan:
     )
 
 
+def expression(pattern: str, flags: int = 0) -> tuple[bytes, bytes]:
+    """A whole pattern as hyperscan expressions (with and without word boundaries),
+    untrimmed, with the same character mapping as `plan`'s."""
+    parsed = P.parse(pattern, flags)
+    info: dict = {"consumable": frozenset(), "nonascii_consumable": False, "guard": 0}
+    tree = _convert(parsed, parsed.state.flags, {}, info)
+    return _emit(tree, True).encode(), _emit(tree, False).encode()
+
+
 def consumable_ascii(pattern: str, flags: int) -> frozenset[str]:
     """ASCII characters that some match of `pattern` may contain (for span separators)."""
     parsed = P.parse(pattern, flags)
