@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 
 .PHONY: start test lint bench clean
 
-$(BIN)/lodestore: pyproject.toml
+$(BIN)/lodestore: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

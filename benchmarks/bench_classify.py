@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from governance.classify import Classifier, corpus  # noqa: E402
+from governance.classify import Classifier, _compiled, corpus  # noqa: E402
 from governance.classify.classifier import DEFAULT_ENTITIES  # noqa: E402
 from governance.classify.stock import reference_engine  # noqa: E402
 
@@ -130,6 +130,9 @@ def main() -> None:
         f"English text, ~1% PII; {cores} cores; load average {os.getloadavg()[0]:.1f}; "
         f"python speed: {_calibration():.2f}s per 5M-iteration loop (~0.2s on a fast core)"
     )
+    compiled = _compiled.compiled_modules()
+    build = f"compiled with Cython: {', '.join(compiled)}" if compiled else "pure Python"
+    print(f"classifier modules: {build} (LODESTORE_CLASSIFY_PURE=1 for pure Python)")
     print("ours = default thresholds; 'all scores' = exactly stock's output (no thresholds)")
     for r in [head, tuple("-" * w for w in widths), *rows]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))

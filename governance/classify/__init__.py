@@ -8,6 +8,10 @@ thresholds; `is_binary`/`decode_text` decide what stored bytes get scanned. See
 
 import sys
 
+from . import _compiled
+
+_compiled.install()  # a compiled module (setup.py) only while its source is unchanged
+
 # presidio (and spaCy's thinc under it) import transformers and torch when they are
 # installed (the `inference` extra), ~4 s at every server start, for NER pipelines the
 # pattern classifier never uses. Hide them while presidio loads; code that wants them
