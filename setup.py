@@ -3,10 +3,11 @@
 Everything else about the package is in pyproject.toml. The pure-Python modules are the
 source of truth and run everywhere; where a C compiler is available, `pip install` also
 compiles them with Cython (classification ~6% faster). A failed or skipped compile only
-prints a note. `LODESTORE_NO_EXTENSIONS=1` skips it. Next to the compiled modules goes
-`_compiled.json`, the SHA-256 of each source they were built from: at import,
-`governance/classify/_compiled.py` loads a compiled module only while its source is
-unchanged, so an edited `.py` is never shadowed by a stale build.
+prints a note. `LODESTORE_NO_EXTENSIONS=1` skips it. The `.pxd` files beside the
+sources declare the hot classes as extension types for the compiled build only. Next to
+the compiled modules goes `_compiled.json`, the SHA-256 of each source (with its `.pxd`)
+they were built from: at import, `governance/classify/_compiled.py` loads a compiled
+module only while its source is unchanged, so an edit is never shadowed by a stale build.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from setuptools.command.build_ext import build_ext
 PACKAGE = "governance.classify"
 MODULES = ("classifier", "context", "engine", "phones", "prefilter", "regex_plan")
 SOURCES = Path(__file__).parent / "governance" / "classify"
+
+
+def source_hash(folder: Path, name: str) -> str:
+    """SHA-256 of a module's source and its Cython declarations (`.pxd`), if any.
+    Kept identical to governance/classify/_compiled.py's."""
+    digest = hashlib.sha256((folder / f"{name}.py").read_bytes())
+    pxd = folder / f"{name}.pxd"
+    if pxd.exists():
+        digest.update(b"\0pxd\0" + pxd.read_bytes())
+    return digest.hexdigest()
 
 
 def _extensions() -> list:
@@ -65,7 +76,7 @@ class BuildExt(build_ext):
         for ext in self.extensions:
             if Path(self.get_ext_fullpath(ext.name)).exists():
                 name = ext.name.rsplit(".", 1)[1]
-                built[name] = hashlib.sha256((SOURCES / f"{name}.py").read_bytes()).hexdigest()
+                built[name] = source_hash(SOURCES, name)
         if built:
             first = self.extensions[0].name
             target = Path(self.get_ext_fullpath(first)).parent / "_compiled.json"

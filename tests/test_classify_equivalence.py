@@ -259,13 +259,20 @@ def test_weak_patterns_skipped_without_context_match_stock(default, stock, monke
     """A pattern that can reach its threshold only with a context boost is not run in a
     document without its recognizer's context words; the findings stay stock's."""
     ran: list[tuple[str, str]] = []
-    real = engine_mod.Engine._matches
 
-    def spy(self, p, text, *args):
-        ran.append((text, p.pattern.name))
-        return real(self, p, text, *args)
+    class Spy:  # records every run of a pattern's regex
+        def __init__(self, rx, name: str) -> None:
+            self.rx, self.name = rx, name
 
-    monkeypatch.setattr(engine_mod.Engine, "_matches", spy)
+        def finditer(self, text, *args):
+            ran.append((text, self.name))
+            return self.rx.finditer(text, *args)
+
+        def search(self, text, *args):
+            return self.rx.search(text, *args)
+
+    for p in default._engine.patterns:
+        monkeypatch.setattr(p, "rx", Spy(p.rx, p.pattern.name))
     entities = list(DEFAULT_ENTITIES)
     skipped = 0
     for text in _weak_docs():

@@ -1,10 +1,10 @@
 """Load a compiled classifier module only while it matches the source beside it.
 
 `pip install` may compile the hot modules with Cython (see setup.py), next to their
-sources, and records each source's SHA-256 in `_compiled.json`. Python prefers an
-extension module to a `.py` of the same name, so after an edit (or a checkout) the old
-build would silently shadow the new code; this finder sends the import to the source
-instead. `LODESTORE_CLASSIFY_PURE=1` always uses the sources.
+sources, and records the SHA-256 of each source (with its `.pxd`) in `_compiled.json`.
+Python prefers an extension module to a `.py` of the same name, so after an edit (or a
+checkout) the old build would silently shadow the new code; this finder sends the
+import to the source instead. `LODESTORE_CLASSIFY_PURE=1` always uses the sources.
 """
 
 from __future__ import annotations
@@ -36,10 +36,19 @@ def fresh(name: str, folder: Path = HERE, built: dict[str, str] | None = None) -
     if name not in built or not any((folder / f"{name}{s}").exists() for s in EXTENSION_SUFFIXES):
         return False
     try:
-        source = (folder / f"{name}.py").read_bytes()
+        return source_hash(folder, name) == built[name]
     except OSError:
         return True  # installed without sources: the build is all there is
-    return hashlib.sha256(source).hexdigest() == built[name]
+
+
+def source_hash(folder: Path, name: str) -> str:
+    """SHA-256 of a module's source and its Cython declarations (`.pxd`), if any;
+    the same as setup.py's."""
+    digest = hashlib.sha256((folder / f"{name}.py").read_bytes())
+    pxd = folder / f"{name}.pxd"
+    if pxd.exists():
+        digest.update(b"\0pxd\0" + pxd.read_bytes())
+    return digest.hexdigest()
 
 
 class _SourceWhenStale:

@@ -118,6 +118,7 @@ class ContextScorer:
         self._status: dict[str, tuple[int, str]] = {}
         self._chunk_pieces: dict[str, frozenset[str]] = {}
         self._unit_keys: dict[str, tuple[tuple[int, str], ...]] = {}
+        self.zone_uses: dict[tuple[str, ...], int] = {}  # per context: zones chosen (stats)
         self._pairs = self._straddle_pairs(self.tokenizer)
         rules = self.tokenizer.rules or {}
         self._plain_specials = {k for k in rules if _PLAIN_WORD.fullmatch(k)}
@@ -862,6 +863,8 @@ class DocContext:
         cap = max(0, total - q + 1) // _ZONE_COST
         zones = self.zones(list(key), cap=cap) if cap else None
         self._zones[key] = zones
+        if zones is not None:
+            self.s.zone_uses[key] = self.s.zone_uses.get(key, 0) + 1
         return zones
 
     def zones(self, context: list[str], cap: int | None = None) -> list[int] | None:
