@@ -51,7 +51,8 @@ def _extensions() -> list:
     ]
     return cythonize(
         exts,
-        compiler_directives={"language_level": 3, "binding": True},
+        # types come from the .pxd files; the sources' annotations are for readers
+        compiler_directives={"language_level": 3, "binding": True, "annotation_typing": False},
         build_dir="build/cython",
         nthreads=os.cpu_count() or 1,
         quiet=True,

@@ -38,11 +38,10 @@ def test_fresh_follows_the_source_hash(tmp_path):
 def test_compiled_modules_are_used_when_built():
     built = _compiled.recorded()
     running = _compiled.compiled_modules()
-    if os.environ.get("LODESTORE_CLASSIFY_PURE"):
+    if os.environ.get("LODESTORE_CLASSIFY_PURE") or not all(map(_compiled.fresh, built)):
         assert running == []
     else:
-        fresh = sorted(m for m in built if _compiled.fresh(m))
-        assert running == fresh
+        assert running == sorted(built)
 
 
 def _run(code: str, env: dict[str, str], cwd: Path | None = None) -> str:
@@ -90,7 +89,8 @@ def test_pure_python_gives_the_same_findings():
 
 
 def test_an_edited_source_wins_over_its_old_build(tmp_path):
-    """Copy the package with its build, edit one module: the edit is what runs."""
+    """Copy the package with its build, edit one module: the edit is what runs, and
+    the other modules run from source too (they share extension types)."""
     if not _compiled.fresh("context"):
         import pytest
 
@@ -103,8 +103,8 @@ def test_an_edited_source_wins_over_its_old_build(tmp_path):
         "import governance.classify.context as c\n"
         "from governance.classify import _compiled\n"
         "print(c.__file__.endswith('.py'), getattr(c, 'EDITED', False),"
-        " 'engine' in _compiled.compiled_modules())\n",
+        " _compiled.compiled_modules())\n",
         {"PYTHONPATH": str(root)},
         cwd=root,
     )
-    assert out == "True True True"
+    assert out == "True True []"

@@ -3,8 +3,10 @@
 `pip install` may compile the hot modules with Cython (see setup.py), next to their
 sources, and records the SHA-256 of each source (with its `.pxd`) in `_compiled.json`.
 Python prefers an extension module to a `.py` of the same name, so after an edit (or a
-checkout) the old build would silently shadow the new code; this finder sends the
-import to the source instead. `LODESTORE_CLASSIFY_PURE=1` always uses the sources.
+checkout) the old build would silently shadow the new code; this finder then sends the
+imports of all of them to the sources (the compiled modules share extension types, so
+they are used together or not at all). `LODESTORE_CLASSIFY_PURE=1` always uses the
+sources.
 """
 
 from __future__ import annotations
@@ -52,18 +54,18 @@ def source_hash(folder: Path, name: str) -> str:
 
 
 class _SourceWhenStale:
-    """Meta path finder: a stale or unwanted compiled module -> its `.py`."""
+    """Meta path finder: compiled modules unless one is stale (or unwanted), else the
+    `.py` of every one of them."""
 
     def __init__(self) -> None:
         self.built = recorded()
-        self.pure = bool(os.environ.get("LODESTORE_CLASSIFY_PURE"))
+        pure = bool(os.environ.get("LODESTORE_CLASSIFY_PURE"))
+        self.compiled = not pure and all(fresh(m, HERE, self.built) for m in self.built)
 
     def find_spec(self, fullname: str, path=None, target=None) -> ModuleSpec | None:
         pkg, _, name = fullname.rpartition(".")
-        if pkg != PACKAGE or name not in self.built:
-            return None
-        if not self.pure and fresh(name, HERE, self.built):
-            return None  # the default machinery picks the extension
+        if pkg != PACKAGE or name not in self.built or self.compiled:
+            return None  # the default machinery picks the extension, if any
         return importlib.util.spec_from_file_location(fullname, HERE / f"{name}.py")
 
 

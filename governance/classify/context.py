@@ -289,7 +289,7 @@ class ContextScorer:
                 hit = ((0, word),)
             else:
                 hit = self._word_punct(block) or tuple(
-                    (t.idx, t.text) for t in self.tokenizer(block)
+                    [(t.idx, t.text) for t in self.tokenizer(block)]
                 )
             if len(self._blocks) > _CACHE_LIMIT:
                 self._blocks.clear()
@@ -351,7 +351,7 @@ class ContextScorer:
         """Keyword status of each token of a standalone unit (cached)."""
         hit = self._unit_keys.get(unit)
         if hit is None:
-            hit = tuple(self.status(t) for _, t in self.tokenize(unit))
+            hit = tuple([self.status(t) for _, t in self.tokenize(unit)])
             if len(self._unit_keys) > _CACHE_LIMIT:
                 self._unit_keys.clear()
             self._unit_keys[unit] = hit
@@ -362,7 +362,7 @@ class ContextScorer:
         hit = self._covered.get(context)
         if hit is None:
             words = self.scanner.words if self.scanner is not None else []
-            hit = self._covered[context] = all(c.lower() in words for c in context)
+            hit = self._covered[context] = all([c.lower() in words for c in context])
         return hit
 
     def positions_scanner(self, context: tuple[str, ...]) -> LiteralScanner | None:
@@ -441,7 +441,7 @@ class DocContext:
             if text.startswith(b, c) and text.endswith(a, 0, w):
                 chunk_b = text[c : c + len(b)]
                 chunk_a = text[w - len(a) : w]
-                if not any(ch.isspace() for ch in chunk_a + chunk_b) and self._pair_fits(
+                if not any([ch.isspace() for ch in chunk_a + chunk_b]) and self._pair_fits(
                     text[self._unit_start(w - 1) : w], text[c : self._chunk_end(c)], a, b
                 ):
                     return False
@@ -483,7 +483,7 @@ class DocContext:
             if p < end:
                 return start, end, toks
         start, end = self.bounds(p)
-        toks = tuple((start + idx, t) for idx, t in self.s.tokenize(self.text[start:end]))
+        toks = tuple([(start + idx, t) for idx, t in self.s.tokenize(self.text[start:end])])
         self._blocks[start] = (end, toks)
         bisect.insort(self._starts, start)
         return start, end, toks
@@ -585,12 +585,14 @@ class DocContext:
         if not cands:
             return False
         chunk = left[:-1]
-        return any(
-            right.startswith(b)
-            and chunk.endswith(a)
-            and self._pair_fits(chunk.rsplit(None, 1)[-1], right.split(None, 1)[0], a, b)
-            for a, b in cands
-        )
+        for a, b in cands:
+            if (
+                right.startswith(b)
+                and chunk.endswith(a)
+                and self._pair_fits(chunk.rsplit(None, 1)[-1], right.split(None, 1)[0], a, b)
+            ):
+                return True
+        return False
 
     def _take(self, block: str, out: list[str], need: int, backward: bool) -> bool:
         """Append the block's keywords (in walk order) to out; True when out is full."""
@@ -777,7 +779,7 @@ class DocContext:
                 hit = not self.found().isdisjoint(_lowered(key))
             else:
                 low = self.low if len(self.low) == self.n else self.text.lower()
-                hit = any(c.lower() in low for c in context)
+                hit = any([c.lower() in low for c in context])
             self._present[key] = hit
         return hit
 
@@ -817,7 +819,7 @@ class DocContext:
             return True
         _, b1 = self.bounds(y - 1)
         low = self.low[b0:b1] if len(self.low) == self.n else self.text[b0:b1].lower()
-        inside = any(c.lower() in low for c in context)
+        inside = any([c.lower() in low for c in context])
         if not inside and not supported(self._outer(b0, b1), context):
             return False
         if y == x + 1:

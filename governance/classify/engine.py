@@ -291,7 +291,7 @@ class Engine:
                 context = self.recognizers[i].context
                 if context:
                     floor = mins.get(group[0][1], 0.0) if mins is not None else 0.0
-                    n = sum(1 for r in group if r[4] < 1.0 and boosted(r[4]) >= floor)
+                    n = len([r for r in group if r[4] < 1.0 and boosted(r[4]) >= floor])
                     if n:
                         doc.expect(context, n)
         out: list[RawResult] = []
