@@ -809,13 +809,14 @@ class DocContext:
             return bool(i & 1) or (i < len(zones) and zones[i] < y)
         b0, _ = self.bounds(x)
         if (
-            y == x + 1
-            and x == b0
+            (x == b0 or y > x + 1)
             and b0
             and supported(self._six_before(b0)[:PREFIX_COUNT], context)
         ):
-            # the finding's first token is the block's first: its words include the 5
-            # keywords before the block whatever the value's tokens are
+            # A finding at the block's start has the block's first token as its first:
+            # its words include the 5 keywords before the block, whatever the value's
+            # tokens are. For a range, "yes" only has to be possible: a finding at x
+            # would be boosted, and each finding is then asked on its own.
             return True
         _, b1 = self.bounds(y - 1)
         low = self.low[b0:b1] if len(self.low) == self.n else self.text[b0:b1].lower()
