@@ -234,6 +234,15 @@ def test_processes_are_seamless_above_thresholds(default):
     assert len(want) > 20
 
 
+def _stock_above(stock, text: str, thresholds) -> list[tuple[str, int, int, float]]:
+    """Stock presidio's findings at or above per-entity thresholds."""
+    return _norm(
+        (r.entity_type, r.start, r.end, r.score)
+        for r in stock.analyze(text, "en", entities=list(DEFAULT_ENTITIES))
+        if r.score >= thresholds[r.entity_type]
+    )
+
+
 def _weak_docs() -> list[str]:
     """Short prose with values that only weak patterns match (bank numbers, licences,
     passports, ITINs, SSN shapes), with and without their recognizers' context words."""
@@ -273,14 +282,9 @@ def test_weak_patterns_skipped_without_context_match_stock(default, stock, monke
 
     for p in default._engine.patterns:
         monkeypatch.setattr(p, "rx", Spy(p.rx, p.pattern.name))
-    entities = list(DEFAULT_ENTITIES)
     skipped = 0
     for text in _weak_docs():
-        expected = _norm(
-            (r.entity_type, r.start, r.end, r.score)
-            for r in stock.analyze(text, "en", entities=entities)
-            if r.score >= DEFAULT_THRESHOLDS[r.entity_type]
-        )
+        expected = _stock_above(stock, text, DEFAULT_THRESHOLDS)
         ran.clear()
         got = _norm((f.entity_type, f.start, f.end, f.score) for f in default.analyze(text))
         assert got == expected, text
@@ -302,15 +306,10 @@ def test_lowered_thresholds_turn_weak_patterns_back_on(stock):
     """With a threshold at a weak pattern's own score, its bare matches are findings."""
     low = {"US_PASSPORT": 0.05, "US_BANK_NUMBER": 0.05, "US_DRIVER_LICENSE": 0.01}
     thresholds = {**DEFAULT_THRESHOLDS, **low}
-    entities = list(DEFAULT_ENTITIES)
     with Classifier(thresholds=low, workers=1) as clf:
         found = 0
         for text in _weak_docs():
-            expected = _norm(
-                (r.entity_type, r.start, r.end, r.score)
-                for r in stock.analyze(text, "en", entities=entities)
-                if r.score >= thresholds[r.entity_type]
-            )
+            expected = _stock_above(stock, text, thresholds)
             got = _norm((f.entity_type, f.start, f.end, f.score) for f in clf.analyze(text))
             assert got == expected, text
             found += sum(1 for x in got if x[3] < 0.4)
