@@ -12,7 +12,7 @@ module only while its source is unchanged, so an edit is never shadowed by a sta
 
 from __future__ import annotations
 
-import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -21,18 +21,21 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 PACKAGE = "governance.classify"
-MODULES = ("classifier", "context", "engine", "phones", "prefilter", "regex_plan")
 SOURCES = Path(__file__).parent / "governance" / "classify"
 
 
-def source_hash(folder: Path, name: str) -> str:
-    """SHA-256 of a module's source and its Cython declarations (`.pxd`), if any.
-    Kept identical to governance/classify/_compiled.py's."""
-    digest = hashlib.sha256((folder / f"{name}.py").read_bytes())
-    pxd = folder / f"{name}.pxd"
-    if pxd.exists():
-        digest.update(b"\0pxd\0" + pxd.read_bytes())
-    return digest.hexdigest()
+def _guard():
+    """governance/classify/_compiled.py (stdlib only), loaded without its package: the
+    module list and the source hash are the ones the import guard checks."""
+    spec = importlib.util.spec_from_file_location("_lodestore_compiled", SOURCES / "_compiled.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+GUARD = _guard()
+MODULES = GUARD.MODULES
 
 
 def _extensions() -> list:
@@ -49,40 +52,60 @@ def _extensions() -> list:
         Extension(f"{PACKAGE}.{m}", [f"governance/classify/{m}.py"], optional=True)
         for m in MODULES
     ]
-    return cythonize(
-        exts,
-        # types come from the .pxd files; the sources' annotations are for readers
-        compiler_directives={"language_level": 3, "binding": True, "annotation_typing": False},
-        build_dir="build/cython",
-        nthreads=os.cpu_count() or 1,
-        quiet=True,
-    )
+    try:
+        return cythonize(
+            exts,
+            # types come from the .pxd files; the sources' annotations are for readers
+            compiler_directives={
+                "language_level": 3,
+                "binding": True,
+                "annotation_typing": False,
+            },
+            build_dir="build/cython",
+            nthreads=os.cpu_count() or 1,
+            quiet=True,
+        )
+    except Exception as exc:  # a Cython that cannot translate them: pure Python it is
+        print(f"lodestore: Cython failed ({exc}); the classifier runs as pure Python")
+        return []
 
 
 class BuildExt(build_ext):
-    """Never fail an install over the optional modules; record what they were built from."""
+    """Never fail an install over the optional modules; record what they were built from.
+
+    The compiled modules share extension types, so they are kept only all together: if
+    one fails to build, the others are removed and the classifier runs as pure Python.
+    """
+
+    _built: list[str]
 
     def finalize_options(self) -> None:
         super().finalize_options()
         if self.parallel is None:
             self.parallel = os.cpu_count() or 1
 
+    def build_extension(self, ext) -> None:
+        super().build_extension(ext)  # an optional one that fails raises, and is skipped
+        self._built.append(ext.name.rsplit(".", 1)[1])
+
     def run(self) -> None:
+        self._built = []
+        if not self.extensions:
+            return super().run()
+        manifest = Path(self.get_ext_fullpath(self.extensions[0].name)).parent / "_compiled.json"
+        manifest.unlink(missing_ok=True)
         try:
             super().run()
         except Exception as exc:  # no compiler, no headers: pure Python it is
             print(f"lodestore: compiled classifier skipped ({exc}); pure Python is used")
+        if sorted(self._built) != sorted(MODULES):
+            for ext in self.extensions:
+                Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
+            print("lodestore: the classifier was not compiled; it runs as pure Python")
             return
-        built = {}
-        for ext in self.extensions:
-            if Path(self.get_ext_fullpath(ext.name)).exists():
-                name = ext.name.rsplit(".", 1)[1]
-                built[name] = source_hash(SOURCES, name)
-        if built:
-            first = self.extensions[0].name
-            target = Path(self.get_ext_fullpath(first)).parent / "_compiled.json"
-            target.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
-            self._manifest = str(target)
+        built = {name: GUARD.source_hash(SOURCES, name) for name in MODULES}
+        manifest.write_text(json.dumps(built, indent=1, sort_keys=True) + "\n")
+        self._manifest = str(manifest)
 
     def get_outputs(self) -> list[str]:
         out = super().get_outputs()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 PACKAGE = __name__.rpartition(".")[0]
+# What setup.py compiles (it reads this list and `source_hash` from this file).
+MODULES = ("classifier", "context", "engine", "phones", "prefilter", "regex_plan")
 
 
 def recorded(folder: Path = HERE) -> dict[str, str]:
@@ -58,13 +60,17 @@ class _SourceWhenStale:
     `.py` of every one of them."""
 
     def __init__(self) -> None:
-        self.built = recorded()
+        built = recorded()
         pure = bool(os.environ.get("LODESTORE_CLASSIFY_PURE"))
-        self.compiled = not pure and all(fresh(m, HERE, self.built) for m in self.built)
+        self.compiled = (
+            not pure
+            and sorted(built) == sorted(MODULES)
+            and all(fresh(m, HERE, built) for m in MODULES)
+        )
 
     def find_spec(self, fullname: str, path=None, target=None) -> ModuleSpec | None:
         pkg, _, name = fullname.rpartition(".")
-        if pkg != PACKAGE or name not in self.built or self.compiled:
+        if pkg != PACKAGE or name not in MODULES or self.compiled:
             return None  # the default machinery picks the extension, if any
         return importlib.util.spec_from_file_location(fullname, HERE / f"{name}.py")
 
