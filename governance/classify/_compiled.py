@@ -46,8 +46,8 @@ def fresh(name: str, folder: Path = HERE, built: dict[str, str] | None = None) -
 
 
 def source_hash(folder: Path, name: str) -> str:
-    """SHA-256 of a module's source and its Cython declarations (`.pxd`), if any;
-    the same as setup.py's."""
+    """SHA-256 of a module's source and its Cython declarations (`.pxd`), if any
+    (what setup.py records for each module it compiles)."""
     digest = hashlib.sha256((folder / f"{name}.py").read_bytes())
     pxd = folder / f"{name}.pxd"
     if pxd.exists():
