@@ -820,7 +820,7 @@ class DocContext:
             return True
         _, b1 = self.bounds(y - 1)
         low = self.low[b0:b1] if len(self.low) == self.n else self.text[b0:b1].lower()
-        inside = any([c.lower() in low for c in context])
+        inside = any([c in low for c in _lowered(key)])
         if not inside and not supported(self._outer(b0, b1), context):
             return False
         if y == x + 1:
