@@ -110,7 +110,7 @@ def main() -> None:
     )
 
     # The 1 KB row above starts from a fresh classifier: its first few hundred documents
-    # fill per-process caches (tokens of common words, phone stretches), ~20% slower than
+    # fill per-process caches (tokens of common words, phone stretches), 20-30% slower than
     # later ones. A server classifies many documents; this row is that steady state, on
     # documents it has not seen (caches of this corpus's small vocabulary are warmer than
     # those of real English, so read it as an upper bound of the steady state).
